@@ -12,6 +12,7 @@ layer. Breaking out of the loop cancels the forward pass.
 What is read, per layer, inside ``<attention module>.source``: the eager attention call
 (``attention_interface_N``; its inputs give V before grouped-query expansion, its output is
 (per-head outputs, A)), plus the decoder layer's input and output (the residual stream).
+The forward pass stops after the last layer: logits are never computed.
 """
 from __future__ import annotations
 
@@ -79,7 +80,9 @@ def _trace(model: Model, batch: Batch, emit) -> None:
     windows = model.windows
     H, KV = model.n_heads, model.n_kv_heads
     envoys = _arch.getpath(model.lm, a.layers)
-    with model.lm.trace({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}):
+    last = len(envoys) - 1
+    with model.lm.trace({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
+                        use_cache=False):
         for l, layer in enumerate(envoys):   # modules must be read in forward order
             resid_in = layer.input
             op = getattr(_arch.getpath(layer, a.attn).source, call)
@@ -87,6 +90,10 @@ def _trace(model: Model, batch: Batch, emit) -> None:
             out, A = op.output
             resid_out = layer.output
             emit(l, resid_in, args, kwargs, out, A, resid_out, windows[l], H, KV)
+            if l == last:
+                # Nothing after the last layer is read: skip the final norm and the LM head
+                # (Gemma-3's 262k-token head costs more than all its layers at T=1024).
+                raise _Cancel()
 
 
 def _record(l, resid_in, args, kwargs, out, A, resid_out, window, H, KV, lengths) -> LayerRecord:
