@@ -53,6 +53,11 @@ def test_every_chapter_has_one_parameters_cell_with_smoke_and_results_dir(name):
     assert len(tagged) == 1
     params = book.parameters(name)
     assert "smoke" in params and "results_dir" in params
+    # every assignment of the parameters cell is a parameter papermill can see (a comment
+    # papermill cannot parse would silently drop it, and overriding it would then be refused)
+    assigned = [l.split("=")[0].strip() for l in tagged[0].source.splitlines()
+                if re.match(r"^\w+\s*=", l)]
+    assert assigned == list(params)
 
 
 def test_unknown_parameter_is_an_error_that_lists_the_known_ones():
