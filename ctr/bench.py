@@ -3,9 +3,11 @@
     python -m ctr.bench [--model smollm2-135m] [--lengths 150 1024] [--repeats 3]
 
 For each length T, the same natural text (IMDB reviews, truncated to T tokens) goes through
-(a) ``model.hf(input_ids)`` with eager attention, nothing else, and (b) ``analysis.heads``:
-nnsight extraction + alpha + sinks + tags + VE + random baseline for every head. Runs alternate
-(a, b, a, b, ...) after one warm-up of each; the table gives medians and the ratio b / a.
+(a) ``model.hf(input_ids)`` with eager attention, nothing else, (a') the decoder alone without
+the LM head (``model.hf.model``), and (b) ``analysis.heads``: nnsight extraction + alpha + sinks
++ tags + VE + random baseline for every head. ctr stops after the last layer (it never needs
+logits), so (a') is the like-for-like baseline and (a) the one a user would time. Runs alternate
+(a, a', b, ...) after one warm-up of each; the table gives medians and the ratios b / a, b / a'.
 Timed runs have no memory sampler (its thread would compete for the GIL); one more run of each
 measures peak memory: the process's peak resident set, sampled every 2 ms, and "extra", that
 peak minus the resident set just before the run (the model's weights are shared by both).
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from . import analysis, data, models
+    from . import analysis, arch, data, models
 
     torch.set_grad_enabled(False)
     m = models.load(args.model)
@@ -84,30 +86,38 @@ def main(argv=None) -> int:
             with torch.inference_mode():
                 m.hf(input_ids=batch.input_ids)
 
+        decoder = arch.getpath(m.hf, arch.arch_of(m.config).layers.rsplit(".", 1)[0])
+
+        def base():
+            with torch.inference_mode():
+                decoder(input_ids=batch.input_ids)
+
         def ctr():
             analysis.heads(m, batch_texts, max_tokens=T, progress=False)
 
         batch_texts = [text]
-        res = {"bare": [], "ctr": []}
+        res = {"bare": [], "base": [], "ctr": []}
         for i in range(args.repeats + 1):
-            for name, fn in (("bare", bare), ("ctr", ctr)):
+            for name, fn in (("bare", bare), ("base", base), ("ctr", ctr)):
                 dt = timed(fn)
                 if i:                      # first round is the warm-up
                     res[name].append(dt)
         med = {k: [statistics.median(v)] for k, v in res.items()}
-        for name, fn in (("bare", bare), ("ctr", ctr)):
+        for name, fn in (("bare", bare), ("base", base), ("ctr", ctr)):
             med[name].extend(peak(fn))
         rows.append((T, med))
     mb = 1 / 2**20
     print()
-    print("| T | bare forward s | ctr analysis s | time ratio | bare peak RSS MB | ctr peak RSS MB "
-          "| peak ratio | bare extra MB | ctr extra MB | extra ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| T | HF forward s | decoder only s | ctr analysis s | time ratio vs forward "
+          "| vs decoder | HF peak RSS MB | ctr peak RSS MB | peak ratio | HF extra MB "
+          "| ctr extra MB | extra ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for T, med in rows:
-        b, c = med["bare"], med["ctr"]
-        print(f"| {T} | {b[0]:.2f} | {c[0]:.2f} | {c[0] / b[0]:.2f} | {b[1] * mb:.0f} | {c[1] * mb:.0f} "
-              f"| {c[1] / b[1]:.2f} | {b[2] * mb:.0f} | {c[2] * mb:.0f} | "
-              + (f"{c[2] / b[2]:.2f} |" if b[2] * mb >= 16 else "n/a (bare < 16 MB) |"))
+        b, d, c = med["bare"], med["base"], med["ctr"]
+        print(f"| {T} | {b[0]:.2f} | {d[0]:.2f} | {c[0]:.2f} | {c[0] / b[0]:.2f} | {c[0] / d[0]:.2f} "
+              f"| {b[1] * mb:.0f} | {c[1] * mb:.0f} | {c[1] / b[1]:.2f} | {b[2] * mb:.0f} "
+              f"| {c[2] * mb:.0f} | "
+              + (f"{c[2] / b[2]:.2f} |" if b[2] * mb >= 16 else "n/a (HF < 16 MB) |"))
     return 0
 
 

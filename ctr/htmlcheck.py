@@ -50,8 +50,14 @@ _PROBE = r"""() => {
     }
     images.push(r);
   }
-  const raw = main.innerText.match(/\\\(|\\\[|\$\$/g);   // TeX left as text: MathJax did not run
+  const prose = main.cloneNode(true);        // the text a reader reads, code cells left out
+  for (const el of prose.querySelectorAll('.cell_input, pre, code, script, .MathJax, .MathJax_Preview'))
+    el.remove();
+  const text = prose.textContent;
+  const raw = text.match(/\\\(|\\\[|\$\$/g);   // TeX left as text: MathJax did not run
   if (raw) errors.push('unrendered math: ' + raw.length + ' TeX delimiters left as text');
+  const dollars = text.match(/\$[^$\n]{0,120}[\\^_{][^$\n]{0,120}\$/g);
+  if (dollars) errors.push('unrendered math: ' + dollars.slice(0, 3).join(' | '));
   return {title: document.title, errors, images, text: main.innerText.length};
 }"""
 
