@@ -19,6 +19,7 @@ from __future__ import annotations
 import queue
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -156,3 +157,16 @@ def layers(model: Model, prompts, max_tokens: int | None = None):
                 except queue.Empty:
                     pass
             th.join()
+
+
+@contextmanager
+def one_thread():
+    """Run many small tensor ops on one thread: with two, each op waits at a barrier for the
+    other thread (much longer when another process holds the second core), and one thread makes
+    the numbers independent of the machine's core count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,18 +54,6 @@ def chance_level(n: int, p: float = 0.05) -> float:
             return (k + 1) / n
         k -= 1
     return 0.0
-
-
-@contextmanager
-def _one_thread():
-    """Many small tensor ops: one thread. With two, every op waits for the other thread, which
-    costs more than the maths (and a lot more when another process holds the second core)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 # --- final-token features --------------------------------------------------------------------
@@ -153,7 +140,7 @@ def _run_full(model, batch_all, order, batch_size, st: _Store, bar):
         sub = batch_all.select(idx)
         groups = _groups(sub.lengths)
         for rec in extract.layers(model, sub):
-            with _one_thread():
+            with extract.one_thread():
                 for n, bs in groups.items():
                     st.add([idx[b] for b in bs], rec.layer, rec.A[bs, :, :n, :n].float(),
                            rec.V[bs, :, :n].float(), rec.head_out[bs, n - 1], rec.window)
@@ -199,7 +186,7 @@ def _run_shared(model, seqs, P, order, batch_size, st: _Store, bar):
             Vall = Vall.repeat_interleave(H // KV, dim=1) if KV != H else Vall
             O = state["o"].unflatten(-1, (H, -1))
             A_pre = state["A_pre"][l]
-            with _one_thread():
+            with extract.one_thread():
                 for n, bs in state["groups"].items():       # n = suffix length
                     T = P + n
                     Af = A.new_zeros(len(bs), H, T, T)
@@ -284,7 +271,7 @@ def head_accuracies(X: torch.Tensor, y: torch.Tensor, train: torch.Tensor
     Xtr, Xte = Xh[:, :, train].contiguous(), Xh[:, :, ~train].contiguous()
     ytr, yte = y[train].bool(), y[~train].bool()
     acc_tr, acc_te = np.zeros((L, H)), np.zeros((L, H))
-    with _one_thread():
+    with extract.one_thread():
         for l in range(L):
             for h in range(H):
                 theta, thr = D.mass_mean_fit(Xtr[l, h], ytr)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import definitions as defs
+from .extract import one_thread
 
 VAL, ONE, A, OUT = 0, 1, 2, 3
 NUM, SEP, SEP2 = 0, 1, 2          # token kinds
@@ -163,18 +163,6 @@ def r2(y_hat, y) -> float:
     if not torch.isfinite(y_hat).all():
         return float("nan")
     return float(1 - ((y_hat - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
-
-
-@contextmanager
-def one_thread():
-    """Tensors this small run fastest on one thread (a second one only waits at barriers),
-    and one thread makes a run's numbers independent of the machine's core count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def train(model, data: Task, test: Task, epochs=50, lr=5e-2, weight_decay=1e-3, batch_size=512,
