@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import gc
 
-from . import data, probes, results, variance
+from . import arch, data, probes, results, variance
 from . import models as M
 
 
 def detect(name: str) -> dict:
     m = M.load(name)
-    a = M._arch.getpath(M._arch.getpath(m.hf, M._arch.arch_of(m.config).layers)[0],
-                        M._arch.arch_of(m.config).attn)
+    where = arch.arch_of(m.config)
+    a = getattr(arch.getpath(m.hf, where.layers)[0], where.attn)
     out = {"model": name, "architecture": m.architecture, "qk_norm": m.qk_norm,
            "evidence": (f"{type(a).__name__} has q_norm={type(a.q_norm).__name__}, "
                         f"k_norm={type(a.k_norm).__name__}") if m.qk_norm

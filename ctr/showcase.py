@@ -151,6 +151,22 @@ class Found:
     eps: float
 
 
+def _found(m, s: Search, cap: Capture, min_queries: int, eps: float, silhouette=None) -> Found:
+    """Everything the figures need from one captured head (``silhouette``: reuse saved ones)."""
+    alpha = D.alpha(cap.A, cap.window, min_queries)
+    alpha_other = D.alpha(cap.A_other, m.windows[s.other.layer], min_queries)
+    shown = [0] + ([s.main.second] if s.main.second is not None else [])
+    # The sinks themselves are left out of the clouds: their residuals carry very large norms
+    # (massive activations) that would dominate every PCA. What remains are the caught tokens.
+    keep = torch.tensor([t for t in range(len(cap.tokens)) if t not in shown])
+    labels = dominant_sink(cap.A[keep], shown)
+    sil = silhouette or {"input": separation(cap.resid_in[keep], labels),
+                         "output": separation(cap.out[keep], labels),
+                         "deeper": separation(cap.deeper[keep], labels)}
+    return Found(m.name, m.n_layers, m.n_heads, s, cap, alpha, alpha_other, shown, keep, labels,
+                 sil, eps)
+
+
 def run(name: str, texts: list[str], eps: float = D.EPS, min_queries: int = 16,
         max_tokens: int = 128, depth: int = 3) -> Found:
     """Load ``name``, search for the head, capture it, and free the model again."""
@@ -161,17 +177,7 @@ def run(name: str, texts: list[str], eps: float = D.EPS, min_queries: int = 16,
     m = M.load(name)
     s = search(m, texts, eps=eps, min_queries=min_queries, max_tokens=max_tokens)
     cap = capture(m, texts[s.main.prompt], s.main, s.other, depth=depth, max_tokens=max_tokens)
-    alpha = D.alpha(cap.A, cap.window, min_queries)
-    alpha_other = D.alpha(cap.A_other, m.windows[s.other.layer], min_queries)
-    shown = [0] + ([s.main.second] if s.main.second is not None else [])
-    # The sinks themselves are left out of the clouds: their residuals carry very large norms
-    # (massive activations) that would dominate every PCA. What remains are the caught tokens.
-    keep = torch.tensor([t for t in range(len(cap.tokens)) if t not in shown])
-    labels = dominant_sink(cap.A[keep], shown)
-    sil = {"input": separation(cap.resid_in[keep], labels),
-           "output": separation(cap.out[keep], labels),
-           "deeper": separation(cap.deeper[keep], labels)}
-    f = Found(name, m.n_layers, m.n_heads, s, cap, alpha, alpha_other, shown, keep, labels, sil, eps)
+    f = _found(m, s, cap, min_queries, eps)
     del m
     gc.collect()
     return f
@@ -251,14 +257,8 @@ def replay(name: str, saved: dict, texts: list[str], eps: float, min_queries: in
     other = Pick(saved["prompt"], o["layer"], o["head"], o["sinks"], [], None, False)
     s = Search(pick, other, saved["candidates"], saved["heads_seen"])
     cap = capture(m, texts[pick.prompt], pick, other, depth=depth, max_tokens=max_tokens)
-    alpha = D.alpha(cap.A, cap.window, min_queries)
-    alpha_other = D.alpha(cap.A_other, m.windows[other.layer], min_queries)
-    shown = [0] + ([pick.second] if pick.second is not None else [])
-    keep = torch.tensor([t for t in range(len(cap.tokens)) if t not in shown])
-    labels = dominant_sink(cap.A[keep], shown)
-    sil = {"input": saved["silhouette_input"], "output": saved["silhouette_output"],
-           "deeper": saved["silhouette_deeper"]}
-    f = Found(name, m.n_layers, m.n_heads, s, cap, alpha, alpha_other, shown, keep, labels, sil, eps)
+    sil = {k: saved[f"silhouette_{k}"] for k in ("input", "output", "deeper")}
+    f = _found(m, s, cap, min_queries, eps, silhouette=sil)
     del m
     gc.collect()
     return f

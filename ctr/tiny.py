@@ -76,7 +76,7 @@ def planted(seed: int = 0, layers: int = 3, strength: float = 5.0):
     m = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     tok = tokenizer()
     bos, dot = tok.bos_token_id, tok.convert_tokens_to_ids(".")
-    D, H, KV = 8, 4, 2
+    D, H = 8, 4
     with torch.no_grad():
         emb = m.model.embed_tokens.weight
         emb[:, :2] = 0.0

@@ -18,7 +18,7 @@ def reference(m: models.Model, batch):
     and the inputs of the output projection (forward hooks)."""
     a = arch.arch_of(m.config)
     layers = arch.getpath(m.hf, a.layers)
-    vs, zs = {}, {}
+    zs = {}
     hooks = []
     for l, layer in enumerate(layers):
         att = getattr(layer, a.attn)

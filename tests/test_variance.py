@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctr import analysis, variance
+from ctr import variance
 from ctr import definitions as D
 
 
