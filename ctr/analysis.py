@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm   # text bars: they go to the log, never into the HTML
 
 from . import definitions as D
 from . import extract

@@ -8,6 +8,7 @@ To support a new architecture, add one entry to ``ARCHS`` and one tiny config to
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -95,3 +96,21 @@ def has_qk_norm(model) -> bool:
     """QK-norm read from the modules, not the name: the attention normalises queries and keys."""
     attn = getpath(getpath(model, arch_of(model.config).layers)[0], arch_of(model.config).attn)
     return hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
+
+
+_CALL = re.compile(r"attention_interface_(\d+)$")
+
+
+def attention_call(attn_envoy) -> str:
+    """The op name of the eager attention call in an attention module's source (nnsight envoy).
+
+    transformers assigns ``attention_interface = ...get_interface(...)`` (op ``_0``) and then
+    calls it (the last ``attention_interface_N``). Resolved from ``.source``, never assumed.
+    """
+    names = [n for n in attn_envoy.source.names if _CALL.match(n)]
+    if not names:
+        raise UnsupportedArchitecture(
+            f"no attention_interface call in {type(attn_envoy._module).__name__}'s source; print "
+            "the attention module's .source to find the attention call and extend "
+            "ctr.arch.attention_call")
+    return max(names, key=lambda n: int(_CALL.match(n).group(1)))

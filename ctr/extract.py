@@ -17,7 +17,6 @@ The forward pass stops after the last layer: logits are never computed.
 from __future__ import annotations
 
 import queue
-import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,24 +50,10 @@ class ExtractionError(RuntimeError):
     pass
 
 
-_CALL = re.compile(r"attention_interface_(\d+)$")
-
-
 def attention_call_name(model: Model) -> str:
-    """The op name of the eager attention call in the attention module's source.
-
-    transformers assigns ``attention_interface = ...get_interface(...)`` (op ``_0``) and then
-    calls it (the last ``attention_interface_N``). Resolved from ``.source``, never assumed.
-    """
+    """The op name of the eager attention call of ``model`` (``arch.attention_call``)."""
     a = _arch.arch_of(model.config)
-    attn = _arch.getpath(_arch.getpath(model.lm, a.layers)[0], a.attn)
-    names = [n for n in attn.source.names if _CALL.match(n)]
-    if not names:
-        raise ExtractionError(
-            f"no attention_interface call in {type(attn).__name__}'s source; print "
-            f"model.lm.{a.layers}[0].{a.attn}.source to find the attention call and extend "
-            "ctr.extract.attention_call_name")
-    return max(names, key=lambda n: int(_CALL.match(n).group(1)))
+    return _arch.attention_call(_arch.getpath(_arch.getpath(model.lm, a.layers)[0], a.attn))
 
 
 class _Cancel(Exception):

@@ -12,7 +12,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from ctr import book, htmlcheck
+from ctr import book
+from ctr.book import htmlcheck
 
 REPO = book.ROOT
 

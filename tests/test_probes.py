@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctr import book, data, models, probes, tiny
+from ctr import book, data, models, tiny
+from ctr.chapters import probes
 from ctr import definitions as D
 
 

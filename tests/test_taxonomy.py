@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ctr import taxonomy
+from ctr.chapters import taxonomy
 
 
 def causal(rows):

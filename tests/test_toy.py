@@ -3,8 +3,8 @@ detectors of catch, tag, release (single head) and of head roles (two heads)."""
 import pytest
 import torch
 
-from ctr import toy
-from ctr import toy_multihead as mh
+from ctr.chapters import toy_theory as toy
+from ctr.chapters import toy_multihead as mh
 
 
 @pytest.fixture(scope="module")

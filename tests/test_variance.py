@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctr import variance
+from ctr.chapters import variance
 from ctr import definitions as D
 
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm   # text bars: they go to the log, never into the HTML
 
-from . import analysis
-from . import definitions as D
-from . import extract
-from .models import Model
+from .. import analysis
+from .. import definitions as D
+from .. import extract
+from ..models import Model
 
 EPS_SWEEP = (0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.15, 0.2, 0.3, 0.4)
 

@@ -6,7 +6,7 @@ notebook has at least one figure. A full-page screenshot of each page is saved t
 ``_build/screenshots/`` for a human look. Pages are served over loopback (not file://) so the
 images can be read back through a canvas.
 
-    python -m ctr.htmlcheck [_build/html] [page ...]
+    python -m ctr.book.htmlcheck [_build/html] [page ...]
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def check(html: Path, names: list[str], screenshots: Path | None = None) -> dict
 
 
 def main(argv=None) -> int:
-    from .book import HTML, toc_notebooks
+    from .runner import HTML, toc_notebooks
 
     argv = list(sys.argv[1:] if argv is None else argv)
     html = Path(argv.pop(0)) if argv and Path(argv[0]).is_dir() else HTML

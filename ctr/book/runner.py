@@ -27,9 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from .results import write_atomic
+from ..results import write_atomic
 
-ROOT = Path(__file__).resolve().parent.parent     # the repository; tests pass a copy instead
+ROOT = Path(__file__).resolve().parents[2]    # the repository; tests pass a copy instead
 
 
 def paths(root: Path = ROOT) -> dict[str, Path]:

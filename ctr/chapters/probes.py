@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm   # text bars: they go to the log, never into the HTML
 
-from . import arch as _arch
-from . import definitions as D
-from . import extract
-from .data import Labelled
-from .models import Model
+from .. import arch as _arch
+from .. import definitions as D
+from .. import extract
+from ..data import Labelled
+from ..models import Model
 
 KINDS = ("tag", "no_tag", "activation")
 

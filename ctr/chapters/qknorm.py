@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import gc
 
-from . import arch, data, probes, results, variance
-from . import models as M
+from .. import arch, data, results
+from . import probes, variance
+from .. import models as M
 
 
 def detect(name: str) -> dict:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import definitions as D
-from . import extract
-from .models import Model
+from .. import definitions as D
+from .. import extract
+from ..models import Model
 
 
 @dataclass
@@ -172,7 +172,7 @@ def run(name: str, texts: list[str], eps: float = D.EPS, min_queries: int = 16,
     """Load ``name``, search for the head, capture it, and free the model again."""
     import gc
 
-    from . import models as M
+    from .. import models as M
 
     m = M.load(name)
     s = search(m, texts, eps=eps, min_queries=min_queries, max_tokens=max_tokens)
@@ -184,7 +184,7 @@ def run(name: str, texts: list[str], eps: float = D.EPS, min_queries: int = 16,
 
 
 def figure_attention(f: Found):
-    from . import plots
+    from .. import plots
 
     p = f.search.main
     return plots.attention_map(f.cap.A, f.cap.tokens, f.alpha, f.shown, eps=f.eps,
@@ -194,7 +194,7 @@ def figure_attention(f: Found):
 def figure_pca(f: Found):
     import matplotlib.pyplot as plt
 
-    from . import plots
+    from .. import plots
 
     tok, c = f.cap.tokens, f.cap
     names = {p: f"attends most to {plots.short(tok[p])!s} ({p})" for p in f.shown}
@@ -215,7 +215,7 @@ def figure_pca(f: Found):
 def figure_two_heads(f: Found):
     import matplotlib.pyplot as plt
 
-    from . import plots
+    from .. import plots
 
     tok, p, o = f.cap.tokens, f.search.main, f.search.other
     fig = plt.figure(figsize=(11, 5.6))
@@ -248,7 +248,7 @@ def replay(name: str, saved: dict, texts: list[str], eps: float, min_queries: in
     """Rebuild a ``Found`` from the sinks chapter's saved summary (no search: one forward pass)."""
     import gc
 
-    from . import models as M
+    from .. import models as M
 
     m = M.load(name)
     pick = Pick(saved["prompt"], saved["layer"], saved["head"], saved["sinks"], [],
@@ -268,7 +268,7 @@ def figure_mechanism(f: Found):
     """One figure for the front page: the head's attention and its outputs clustered by sink."""
     import matplotlib.pyplot as plt
 
-    from . import plots
+    from .. import plots
 
     tok, c, p = f.cap.tokens, f.cap, f.search.main
     fig = plt.figure(figsize=(11, 4.6))

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm   # text bars: they go to the log, never into the HTML
 
-from . import analysis
-from . import definitions as D
-from . import extract
-from .models import Model
+from .. import analysis
+from .. import definitions as D
+from .. import extract
+from ..models import Model
 
 
 @dataclass

@@ -22,9 +22,9 @@ import time
 import numpy as np
 import torch
 
-from . import definitions as defs
-from . import toy
-from .toy import NUM, SEP, SEP2, Task, derive
+from .. import definitions as defs
+from . import toy_theory as toy
+from .toy_theory import NUM, SEP, SEP2, Task, derive
 
 VAL, ONE, A, B, OUT = 0, 1, 2, 3, 4
 D, D_HEAD = toy.D + 1, 3

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import definitions as defs
-from .extract import one_thread
+from .. import definitions as defs
+from ..extract import one_thread
 
 VAL, ONE, A, OUT = 0, 1, 2, 3
 NUM, SEP, SEP2 = 0, 1, 2          # token kinds
@@ -278,7 +278,7 @@ def run_many(fn, cfgs: list[dict], workers: int = 2, desc: str = "runs") -> list
     from functools import partial
     from multiprocessing import get_context
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm   # text bars: they go to the log, never into the HTML
 
     if workers <= 1:
         return [_worker(fn, c) for c in tqdm(cfgs, desc=desc)]
