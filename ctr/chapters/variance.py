@@ -2,10 +2,12 @@
 
 For every prompt, layer and head it records, at every threshold eps of a sweep, the number of
 sinks and the variance explained (VE) by their tags; at the main eps it also records the
-random-subspace baseline, the counts without the tail guard, the cosine between distinct tags
-of a head, and the cosine between each tag mapped into the residual stream (through the head's
-slice of W_O) and the residual of the non-sink tokens it tags. Arrays are (prompt, layer, head,
-eps); nothing of size T x T outlives its layer.
+random-subspace baseline, the counts without the tail guard, and the tag geometry: every tag
+mapped into the residual stream through its head's slice of W_O, the cosines between the mapped
+tags of different heads of one layer (and of one head), and the cosine between each mapped tag
+and the residual of the tokens it tags. Arrays are (prompt, layer, head, eps) or per prompt, so
+that intervals can be bootstrapped over prompts; nothing of size T x T outlives its layer.
+The rules that turn these numbers into verdicts are in ``variance_verdicts``.
 """
 from __future__ import annotations
 
@@ -60,24 +62,40 @@ def sweep(alpha: torch.Tensor, V: torch.Tensor, O: torch.Tensor, eps: torch.Tens
     return k, ve_sq.sqrt(), ve_sq
 
 
+# The paper's ten bins for tag-pair cosines (its rebuttal histogram; the last bin is closed),
+# and 0.05-wide bins for the figure. [-0.05, 0.05) is two bins of either.
+PAIR_BINS = np.array([-1.0, -0.6, -0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.2, 0.6, 1.0])
+FINE_BINS = np.round(np.arange(-1.0, 1.0001, 0.05), 2)
+
+
 @dataclass
 class Result:
     model: str
     eps: tuple
     n_sinks: np.ndarray          # (P, L, H, E)
-    ve: np.ndarray               # (P, L, H, E)
+    ve: np.ndarray               # (P, L, H, E), NaN where a head has no sink
     ve_sq: np.ndarray
     ve_random: np.ndarray        # (P, L, H) at the main eps
     ve_expected: np.ndarray      # (P, L, H) sqrt(k / d_head)
     n_sinks_unguarded: np.ndarray  # (P, L, H) at the main eps, min_queries = 1
     tail_unguarded: np.ndarray   # (P, L, H) of those, sinks among the last ``min_queries - 1`` keys
     bos_sink: np.ndarray         # (P, L, H) token 0 is a sink at the main eps
+    pairs_cross: np.ndarray = None   # (P, 10) tag pairs of different heads of a layer, paper's bins
+    pairs_within: np.ndarray = None  # (P, 10) pairs of distinct tags of one head
+    fine_cross: np.ndarray = None    # (P, 40) the same in 0.05-wide bins
+    fine_within: np.ndarray = None
+    tag_token: np.ndarray = None     # (P, L) mean cos(tag through W_O, residual of tagged token)
+    tag_token_abs: np.ndarray = None  # (P, L) mean |cos| of the same pairs
     seconds: float = 0.0
-    tag_cos: list = field(default_factory=list)       # cosines between distinct tags of a head
-    tag_token: np.ndarray = None  # (P, L) mean cosine(tag through W_O, residual of tagged token)
     head_dim: int = 0
+    d_model: int = 0
     min_queries: int = 1
     main_eps: float = D.EPS
+
+    def ve_zero(self) -> np.ndarray:
+        """VE with a sinkless head counted as 0: what the formula gives for an empty U, and the
+        reading the paper's threshold table supports (its average falls as eps grows)."""
+        return np.nan_to_num(self.ve, nan=0.0)
 
 
 def run(model: Model, texts: list[str], max_tokens: int = 150, eps=EPS_SWEEP,
@@ -90,29 +108,32 @@ def run(model: Model, texts: list[str], max_tokens: int = 150, eps=EPS_SWEEP,
     batch = model.encode(texts, max_tokens=max_tokens)
     P, L, H, E = len(texts), model.n_layers, model.n_heads, len(eps)
     t0 = time.time()
+    nb, nf = len(PAIR_BINS) - 1, len(FINE_BINS) - 1
     r = Result(model=model.name, eps=eps, n_sinks=np.zeros((P, L, H, E), np.int16),
                ve=np.full((P, L, H, E), np.nan), ve_sq=np.full((P, L, H, E), np.nan),
                ve_random=np.full((P, L, H), np.nan), ve_expected=np.full((P, L, H), np.nan),
                n_sinks_unguarded=np.zeros((P, L, H), np.int16),
                tail_unguarded=np.zeros((P, L, H), np.int16), bos_sink=np.zeros((P, L, H), bool),
-               tag_token=np.full((P, L), np.nan), head_dim=model.head_dim,
-               min_queries=min_queries, main_eps=main_eps)
+               pairs_cross=np.zeros((P, nb), np.int64), pairs_within=np.zeros((P, nb), np.int64),
+               fine_cross=np.zeros((P, nf), np.int64), fine_within=np.zeros((P, nf), np.int64),
+               tag_token=np.full((P, L), np.nan), tag_token_abs=np.full((P, L), np.nan),
+               head_dim=model.head_dim, d_model=model.d_model, min_queries=min_queries,
+               main_eps=main_eps)
     gen = torch.Generator().manual_seed(seed)
     W_O = [model.out_proj(l).detach().float() for l in range(L)]
-    Dh = model.head_dim
     bar = tqdm(total=P * L, desc=f"{model.name}: variance", unit="layer", disable=not progress)
     for start in range(0, P, batch_size):
         idx = list(range(start, min(start + batch_size, P)))
         for rec_b in extract.layers(model, batch.select(idx)):
             for b, p in enumerate(idx):
-                _layer(r, p, rec_b.prompt(b), eps_t, main_eps, min_queries, gen, W_O, Dh)
+                _layer(r, p, rec_b.prompt(b), eps_t, main_eps, min_queries, gen, W_O)
             bar.update(len(idx))
     bar.close()
     r.seconds = time.time() - t0
     return r
 
 
-def _layer(r: Result, p: int, rec, eps_t, main_eps, min_queries, gen, W_O, Dh) -> None:
+def _layer(r: Result, p: int, rec, eps_t, main_eps, min_queries, gen, W_O) -> None:
     l = rec.layer
     A, V = rec.A[0].float(), rec.V[0].float()
     O = rec.head_out[0].transpose(0, 1).float()
@@ -130,75 +151,128 @@ def _layer(r: Result, p: int, rec, eps_t, main_eps, min_queries, gen, W_O, Dh) -
     T = A.shape[-1]
     r.n_sinks_unguarded[p, l] = S1.sum(-1).numpy()
     r.tail_unguarded[p, l] = S1[:, T - (min_queries - 1):].sum(-1).numpy() if min_queries > 1 else 0
-    _tag_geometry(r, p, l, A, V, S, W_O[l], rec.resid_in[0].float(), Dh)
+    _tag_geometry(r, p, l, A, V, S, W_O[l], rec.resid_in[0].float())
 
 
-def _tag_geometry(r: Result, p: int, l: int, A, V, S, W_O, resid, Dh) -> None:
-    """Cosines between distinct tags of each head, and between each tag mapped to the residual
-    stream (W_O restricted to the head's D columns) and the residual entering the layer of the
-    non-sink tokens that attend most to that sink (the tokens it tags)."""
-    H, T, _ = V.shape
-    k = S.sum(-1)
-    K = int(k.max())
-    if K == 0:
+def mapped_tags(V: torch.Tensor, S: torch.Tensor, W_O: torch.Tensor):
+    """Every tag written into the residual stream: W_O restricted to the head's D columns times
+    the sink's value vector. V (H, T, D), S (H, T), W_O (d_model, H * D).
+
+    Returns (tags (n, d_model), head of each (n,), position of each (n,)), heads in order.
+    """
+    H, _, Dh = V.shape
+    h, t = torch.nonzero(S, as_tuple=True)                                  # (n,), (n,)
+    W = W_O.view(W_O.shape[0], H, Dh)                                       # (d_model, H, D)
+    return torch.einsum("nD,dnD->nd", V[h, t], W[:, h]), h, t
+
+
+def pair_cosines(tags: torch.Tensor, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines of all pairs of distinct mapped tags: (pairs of different heads, pairs of one head)."""
+    u = torch.nn.functional.normalize(tags, dim=-1)
+    i, j = torch.triu_indices(len(u), len(u), 1)
+    c = (u[i] * u[j]).sum(-1)
+    same = head[i] == head[j]
+    return c[~same], c[same]
+
+
+def _hist(c: torch.Tensor, bins: np.ndarray) -> np.ndarray:
+    return np.histogram(c.double().clamp(-1, 1).numpy(), bins=bins)[0]   # last bin closed
+
+
+def _tag_geometry(r: Result, p: int, l: int, A, V, S, W_O, resid) -> None:
+    """The tag geometry of one layer of one prompt.
+
+    Pairs: each mapped tag against every mapped tag of another head of the same layer (the
+    paper's pair counts, millions, match this reading; see the chapter), and against the other
+    tags of its own head. Tag vs token: each non-sink token that can see a sink is "tagged" by
+    the sink it attends to most; its representation is the residual entering the layer.
+    """
+    if not S.any():
         return
-    order = torch.argsort((~S).to(torch.int8), dim=-1, stable=True)[:, :K]   # sink positions first
-    valid = torch.arange(K) < k.unsqueeze(1)                                 # (H, K)
-    tags = torch.gather(V, 1, order.unsqueeze(-1).expand(H, K, Dh))         # (H, K, D)
-    tn = torch.nn.functional.normalize(tags, dim=-1)
-    c = tn @ tn.transpose(1, 2)
-    pair = valid.unsqueeze(2) & valid.unsqueeze(1) & torch.ones(K, K, dtype=torch.bool).triu(1)
-    r.tag_cos.extend(c[pair].tolist())
-    mapped = torch.einsum("hkD,dhD->hkd", tags, W_O.view(W_O.shape[0], H, Dh))
-    cos = torch.einsum("hkd,td->hkt", torch.nn.functional.normalize(mapped, dim=-1),
-                       torch.nn.functional.normalize(resid, dim=-1))          # (H, K, T)
-    w = torch.gather(A, 2, order.unsqueeze(1).expand(H, T, K)).masked_fill(~valid.unsqueeze(1), -1.0)
-    dom = w.argmax(-1)                                                       # (H, T) dominant sink
-    first = torch.where(valid, order, T).amin(-1)                            # earliest sink per head
-    tagged = ~S & (torch.arange(T).unsqueeze(0) > first.unsqueeze(1))        # non-sinks that see one
-    vals = torch.gather(cos, 1, dom.unsqueeze(1))[:, 0]                      # (H, T)
+    tags, head, pos = mapped_tags(V, S, W_O)
+    cross, within = pair_cosines(tags, head)
+    r.pairs_cross[p] += _hist(cross, PAIR_BINS)
+    r.pairs_within[p] += _hist(within, PAIR_BINS)
+    r.fine_cross[p] += _hist(cross, FINE_BINS)
+    r.fine_within[p] += _hist(within, FINE_BINS)
+    H, T, _ = V.shape
+    cos = torch.nn.functional.normalize(tags, dim=-1) @ \
+        torch.nn.functional.normalize(resid, dim=-1).T                     # (n, T)
+    w = A[head, :, pos]                                                      # (n, T) weight on tag
+    # per (head, token): the head's tag with the largest weight (tags of other heads masked out)
+    own = head.unsqueeze(1) == torch.arange(H).unsqueeze(0)                  # (n, H)
+    wh = torch.where(own.unsqueeze(-1), w.unsqueeze(1), -1.0)                # (n, H, T)
+    dom = wh.argmax(0)                                                       # (H, T) tag index
+    first = torch.full((H,), T).scatter_reduce(0, head, pos, "amin")         # earliest sink
+    tagged = ~S & (torch.arange(T).unsqueeze(0) > first.unsqueeze(1))        # (H, T)
     if tagged.any():
-        r.tag_token[p, l] = float(vals[tagged].mean())
+        vals = cos[dom, torch.arange(T).unsqueeze(0).expand(H, T)][tagged]
+        r.tag_token[p, l] = float(vals.mean())
+        r.tag_token_abs[p, l] = float(vals.abs().mean())
 
 
-TAG_BINS = np.round(np.arange(-1.0, 1.0001, 0.05), 2)   # 0.05-wide bins: [-0.05, 0.05) is two of them
+def sweep_means(r: Result) -> dict[str, np.ndarray]:
+    """Per prompt and eps, averaged over layers and heads: sinks, VE with sinkless heads as 0
+    (the paper-like average) and VE over heads with sinks only. (P, E) each."""
+    has = ~np.isnan(r.ve)
+    with np.errstate(invalid="ignore"):
+        excl = np.nansum(r.ve, axis=(1, 2)) / has.sum(axis=(1, 2))
+    return {"sinks": r.n_sinks.mean(axis=(1, 2)), "ve_zero": r.ve_zero().mean(axis=(1, 2)),
+            "ve_excluded": excl}
 
 
 def summary(r: Result) -> dict:
-    """The chapter's key numbers for one model (what the results file keeps)."""
+    """The chapter's key numbers for one model (what the results file keeps; no intervals)."""
     e = r.eps.index(r.main_eps)
     n = r.n_sinks[..., e]
     ve = r.ve[..., e]
     has = ~np.isnan(ve)
-    tc = np.asarray(r.tag_cos)
     n_total = int(n.sum())
+    sw = sweep_means(r)
+    cross, within = r.pairs_cross.sum(0), r.pairs_within.sum(0)
+
+    def opt(f, x):
+        return float(f(x)) if has.any() else None
+
+    def share_near_0(h):
+        return float((h[4] + h[5]) / h.sum()) if h.sum() else None
+
     return {
         "prompts": int(n.shape[0]), "layers": int(n.shape[1]), "heads": int(n.shape[2]),
+        "head_dim": r.head_dim, "d_model": r.d_model,
         "eps": r.main_eps, "min_queries": r.min_queries,
         "sinks_per_head": float(n.mean()),
         "share_heads_1_2_sinks": float(((n >= 1) & (n <= 2)).mean()),
         "share_heads_no_sink": float((n == 0).mean()),
         "share_heads_bos_sink": float(r.bos_sink.mean()),
         "share_sinks_not_bos": float(1 - r.bos_sink.sum() / n_total) if n_total else None,
-        "ve_mean": float(np.nanmean(ve)) if has.any() else None,
-        "ve_median": float(np.nanmedian(ve)) if has.any() else None,
+        "ve_mean": opt(np.nanmean, ve),                       # heads with sinks only
+        "ve_mean_zero": float(np.nan_to_num(ve).mean()),      # sinkless heads as VE 0
+        "ve_median": opt(np.nanmedian, ve),
         "ve_quartiles": [float(x) for x in np.nanpercentile(ve, [25, 75])] if has.any() else None,
-        "ve_p90": float(np.nanpercentile(ve, 90)) if has.any() else None,
-        "ve_sq_mean": float(np.nanmean(r.ve_sq[..., e])) if has.any() else None,
-        "ve_random_mean": float(np.nanmean(r.ve_random)) if has.any() else None,
-        "ve_expected_mean": float(np.nanmean(r.ve_expected)) if has.any() else None,
+        "ve_p90": opt(lambda x: np.nanpercentile(x, 90), ve),
+        "ve_sq_mean": opt(np.nanmean, r.ve_sq[..., e]),
+        "ve_random_mean": opt(np.nanmean, r.ve_random),
+        "ve_expected_mean": opt(np.nanmean, r.ve_expected),
         "share_heads_ve_above_0.5": float((ve[has] > 0.5).mean()) if has.any() else None,
         "sinks_per_head_unguarded": float(r.n_sinks_unguarded.mean()),
         "tail_sinks_per_head_unguarded": float(r.tail_unguarded.mean()),
-        "sweep": [{"eps": eps, "sinks": float(r.n_sinks[..., i].mean()),
-                   "ve": float(np.nanmean(r.ve[..., i])) if (~np.isnan(r.ve[..., i])).any() else None}
+        "sweep": [{"eps": eps, "sinks": float(sw["sinks"][:, i].mean()),
+                   "ve_zero": float(sw["ve_zero"][:, i].mean()),
+                   "ve": (float(np.nanmean(r.ve[..., i])) if (~np.isnan(r.ve[..., i])).any()
+                          else None)}
                   for i, eps in enumerate(r.eps)],
-        "tag_pairs": int(tc.size),
-        "tag_cos_hist": np.histogram(tc, bins=TAG_BINS)[0].tolist() if tc.size else [],
-        "tag_cos_share_near_0": float(((tc >= -0.05) & (tc < 0.05)).mean()) if tc.size else None,
-        "tag_cos_median": float(np.median(tc)) if tc.size else None,
-        "tag_token_cos": float(np.nanmean(r.tag_token)) if (~np.isnan(r.tag_token)).any() else None,
+        "pairs_cross": int(cross.sum()), "pairs_within": int(within.sum()),
+        "pairs_cross_hist": cross.tolist(), "pairs_within_hist": within.tolist(),
+        "pairs_cross_fine": r.fine_cross.sum(0).tolist(),
+        "pairs_within_fine": r.fine_within.sum(0).tolist(),
+        "pairs_cross_near_0": share_near_0(cross), "pairs_within_near_0": share_near_0(within),
+        "tag_token_cos": (float(np.nanmean(r.tag_token)) if (~np.isnan(r.tag_token)).any()
+                          else None),
+        "tag_token_abs_cos": (float(np.nanmean(r.tag_token_abs))
+                              if (~np.isnan(r.tag_token_abs)).any() else None),
         "ve_by_layer": [float(x) if x == x else None for x in
                         (np.nanmean(np.where(has, ve, np.nan), axis=(0, 2)) if has.any()
                          else np.full(n.shape[1], np.nan))],
+        "ve_zero_by_layer": np.nan_to_num(ve).mean(axis=(0, 2)).tolist(),
     }
