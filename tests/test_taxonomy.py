@@ -4,6 +4,8 @@ import pandas as pd
 import pytest
 import torch
 
+from ctr import results
+from ctr import verdicts as V
 from ctr.chapters import taxonomy
 
 
@@ -61,3 +63,54 @@ def test_sliding_window_keys_are_scored_over_visible_queries():
     assert 0 not in [r[3] for r in rows_full]        # diluted over 5 queries: 0.32
 
 # QK-norm detection on tiny Qwen3/Gemma3 (yes) and Llama/Qwen2 (no): tests/test_models.py
+
+
+# --- case-sensitive kinds, the non-first share, and every outcome of the rules -------------------
+
+def test_kinds_are_case_sensitive_like_the_paper():
+    k = taxonomy.kind
+    assert k("The", 5) == k(" the", 5) == k("Ġthe", 5) == k("ĠI", 5) == "function word"
+    assert k("THE", 5) == "content / other"            # the paper's distilled-model sink
+    assert k(",”", 5) == k(" ", 5) == "punctuation / space"
+    assert k("the", 0) == "first token"
+
+
+def test_paper_share_on_its_own_table():
+    rows = results.paper()["taxonomy"]["tables"]["Qwen2.5-14B"]
+    # by hand: '.', ',', ' the', ' I', ' ”', ' to', ',”' over those plus ' began', ' Stark'
+    hit = 5323 + 3807 + 3333 + 3283 + 3203 + 2603 + 2253
+    assert taxonomy.paper_base_share(rows) == pytest.approx(hit / (hit + 2592 + 2512))
+
+
+def test_base_share_counts_only_non_first_instances_per_prompt():
+    inst = pd.DataFrame([(0, 0, 0, 0, "<s>", 0.9, 0.3), (0, 0, 1, 4, ".", 0.5, 0.3),
+                         (1, 0, 0, 0, "<s>", 0.9, 0.3), (1, 0, 1, 2, "Doctor", 0.5, 0.3),
+                         (1, 0, 1, 3, "the", 0.5, 0.3)],
+                        columns=["prompt", "layer", "head", "position", "token", "alpha", "ve"])
+    r = taxonomy.Result("x", inst, np.ones((2, 1, 2)), np.zeros((2, 1, 2)), [None], 0.0, 10)
+    b = taxonomy.base_share(r, n_boot=200)
+    assert b["instances"] == 3 and b["share"] == pytest.approx(2 / 3)
+    assert taxonomy.kinds(r, first=False)["content / other"] == pytest.approx(1 / 3)
+
+
+def test_rules_every_outcome():
+    assert taxonomy.rule_base_sinks(100, 0.6, 0.8) == V.REPRODUCED
+    assert taxonomy.rule_base_sinks(100, 0.4, 0.6) == V.COMPATIBLE
+    assert taxonomy.rule_base_sinks(100, 0.1, 0.3) == V.NOT          # content sinks in a base model
+    assert taxonomy.rule_base_sinks(10, 0.6, 0.8) == V.UNTESTABLE
+    assert taxonomy.rule_reasoning((0.1, 0.3), (0.01, 0.05)) == V.REPRODUCED
+    assert taxonomy.rule_reasoning((-0.1, 0.3), (0.01, 0.05)) == V.COMPATIBLE
+    assert taxonomy.rule_reasoning((0.1, 0.3), (-0.05, -0.01)) == V.PARTLY
+    assert taxonomy.rule_reasoning((-0.3, -0.1), (-0.05, -0.01)) == V.NOT
+
+
+def test_differences_over_the_same_prompts():
+    def res(n, ve):
+        return taxonomy.Result("m", pd.DataFrame(), np.asarray(n, float), np.asarray(ve, float),
+                               [None], 0.0, 1)
+    base = res([[[1, 1]], [[1, 1]], [[1, 1]]], [[[0.2, 0.2]]] * 3)
+    other = res([[[2, 2]], [[2, 2]], [[2, 2]]], [[[0.9, 0.2]]] * 3)
+    d = taxonomy.differences(base, other, high_ve=0.5, n_boot=100)
+    assert d["sinks"][0] == pytest.approx(1.0) and d["high_ve"][0] == pytest.approx(0.5)
+    rows = taxonomy.claims({}, {"b vs r": d}, results.paper(), 0.5)
+    assert rows[0]["verdict"] == V.REPRODUCED
