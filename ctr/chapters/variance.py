@@ -275,4 +275,7 @@ def summary(r: Result) -> dict:
                         (np.nanmean(np.where(has, ve, np.nan), axis=(0, 2)) if has.any()
                          else np.full(n.shape[1], np.nan))],
         "ve_zero_by_layer": np.nan_to_num(ve).mean(axis=(0, 2)).tolist(),
+        # per prompt, for intervals computed by other chapters (QK-norm, scale)
+        "by_prompt": {"sinks_per_head": n.reshape(n.shape[0], -1).mean(1).tolist(),
+                      "ve_zero": np.nan_to_num(ve).reshape(n.shape[0], -1).mean(1).tolist()},
     }
