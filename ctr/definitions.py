@@ -32,8 +32,25 @@ def visible_queries(T: int, window: int | None = None) -> torch.Tensor:
     return n if window is None else n.clamp(max=window)
 
 
+def check_eps(eps) -> None:
+    """eps must lie in (0, 1): alpha is a mean attention weight, so eps >= 1 finds no sink and
+    eps <= 0 makes every key one."""
+    for e in ([eps] if isinstance(eps, (int, float)) else list(eps)):
+        if not 0 < float(e) < 1:
+            raise ValueError(f"eps={e} is outside (0, 1): a sink score is a mean attention weight "
+                             "(at most 1), so the threshold must lie strictly between 0 and 1 "
+                             "(the paper's is 0.2)")
+
+
+def check_min_queries(min_queries) -> None:
+    if int(min_queries) != min_queries or min_queries < 1:
+        raise ValueError(f"min_queries={min_queries} must be a whole number >= 1 (1 = no tail "
+                         "guard: the formula as written)")
+
+
 def alpha(A: torch.Tensor, window: int | None = None, min_queries: int = 1) -> torch.Tensor:
     """Sink scores (..., T). NaN where fewer than ``min_queries`` queries see the key."""
+    check_min_queries(min_queries)
     T = A.shape[-1]
     n = visible_queries(T, window).to(A.device)
     a = A.sum(dim=-2) / n.to(A.dtype)
@@ -42,6 +59,7 @@ def alpha(A: torch.Tensor, window: int | None = None, min_queries: int = 1) -> t
 
 def sinks(alpha_: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Boolean sink mask (..., T): alpha_t > eps (NaN scores are never sinks)."""
+    check_eps(eps)
     return alpha_ > eps   # comparisons with NaN are False
 
 

@@ -46,8 +46,26 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+class ResultsDirError(OSError):
+    pass
+
+
+def check_dir(results_dir) -> Path:
+    """The results directory exists (or can be made) and can be written; one clear error if not."""
+    d = Path(results_dir)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=d, prefix=".write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ResultsDirError(f"cannot write results to {d} ({e.strerror or e}): pass a results_dir "
+                              "you can write to (chapters: results_dir=...)") from e
+    return d
+
+
 def save(name: str, data: dict, results_dir) -> Path:
-    path = Path(results_dir) / f"{name}.json"
+    path = check_dir(results_dir) / f"{name}.json"
     write_atomic(path, json.dumps(_clean(data), indent=1, sort_keys=True))
     return path
 

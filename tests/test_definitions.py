@@ -165,3 +165,36 @@ def test_mass_mean_probe_at_chance_on_shuffled_labels():
 def test_mass_mean_probe_needs_two_classes():
     with pytest.raises(ValueError, match="both classes"):
         D.mass_mean_fit(torch.randn(5, 3), torch.ones(5))
+
+
+# --- input checks: one clear error each -----------------------------------------------------------
+
+@pytest.mark.parametrize("eps", [0, 1, 2, -0.1])
+def test_eps_outside_0_1_is_refused(eps):
+    with pytest.raises(ValueError, match=r"outside \(0, 1\)"):
+        D.sinks(torch.rand(3, 5), eps)
+
+
+@pytest.mark.parametrize("mq", [0, -3, 2.5])
+def test_min_queries_below_1_is_refused(mq):
+    with pytest.raises(ValueError, match="min_queries"):
+        D.alpha(torch.rand(2, 5, 5), min_queries=mq)
+
+
+def test_unwritable_results_dir_is_refused(tmp_path):
+    import os
+
+    from ctr import results
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if os.access(ro, os.W_OK):          # root can write anyway: use a path under a file
+            bad = tmp_path / "file"
+            bad.write_text("x")
+            ro = bad / "sub"
+        with pytest.raises(results.ResultsDirError, match="cannot write results"):
+            results.save("x", {"a": 1}, ro)
+        assert not list(tmp_path.glob("**/x.json"))
+    finally:
+        os.chmod(tmp_path / "ro", 0o700)

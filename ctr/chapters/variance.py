@@ -102,6 +102,8 @@ def run(model: Model, texts: list[str], max_tokens: int = 150, eps=EPS_SWEEP,
         main_eps: float = D.EPS, min_queries: int = 16, seed: int = 0, batch_size: int = 8,
         progress: bool = True) -> Result:
     eps = tuple(eps)
+    D.check_eps(eps)
+    D.check_min_queries(min_queries)
     if main_eps not in eps:
         raise ValueError(f"main_eps={main_eps} must be one of the swept eps {eps}")
     eps_t = torch.tensor(eps, dtype=torch.float64)
