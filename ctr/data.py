@@ -176,9 +176,37 @@ def cities(n: int = 600, n_train: int = 400, seed: int = 0, min_population: int 
     return Labelled(texts, labels, split, meta)
 
 
+TRUTH_SUFFIX = " Is this true? Answer:"
+
+
+def cities_suffixed(n: int = 600, n_train: int = 400, seed: int = 0, min_population: int = 500_000,
+                    suffix: str = TRUTH_SUFFIX) -> Labelled:
+    """The ``cities`` statements (same cities, labels and split) followed by ``suffix``: the
+    statement's full stop, which has read the whole statement, is then seen by the suffix's
+    queries as well (the position-controlled probe of the semantic-probes chapter)."""
+    if not suffix.strip():
+        raise DataError("the suffix must contain text (e.g. ' Is this true? Answer:')")
+    c = cities(n, n_train, seed, min_population)
+    return Labelled([t + suffix for t in c.texts], c.labels, c.split,
+                    [dict(m, suffix=suffix) for m in c.meta])
+
+
 SENTIMENT_TEMPLATE = ("it's a charming and often affecting journey. This statement is: POSITIVE.\n"
                       "unflinchingly bleak and desperate. This statement is: NEGATIVE.\n"
                       "{sentence}. This statement is:")
+
+
+def sentiment_prompt(sentence: str) -> str:
+    """One corpus sentence in the paper's template. The corpus writes punctuation as separate
+    tokens ("what a movie !"): the sentence's own final full stop gives way to the template's; a
+    final ? or ! is kept, attached to the word before it, and takes the full stop's place, so a
+    prompt never reads "?." or "!."."""
+    head, tail = SENTIMENT_TEMPLATE.split("{sentence}")
+    s = sentence.rstrip(" .")
+    if s.endswith(("?", "!")):
+        end = re.search(r"(\s*[?!])+$", s)
+        return head + s[:end.start()] + re.sub(r"\s", "", end.group()) + tail.removeprefix(".")
+    return head + s + tail
 
 
 def sentiment(n: int = 600, n_train: int = 400, seed: int = 0, max_words: int = 40) -> Labelled:
@@ -195,5 +223,5 @@ def sentiment(n: int = 600, n_train: int = 400, seed: int = 0, max_words: int = 
         raise DataError(f"asked for {n} sentences; only {min(len(pos), len(neg))} per class")
     it = {1: iter(pos), 0: iter(neg)}
     sents = [next(it[y]) for y in labels]
-    texts = [SENTIMENT_TEMPLATE.format(sentence=s.rstrip(" .")) for s in sents]
+    texts = [sentiment_prompt(s) for s in sents]
     return Labelled(texts, labels, split, [{"sentence": s} for s in sents])
