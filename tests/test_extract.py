@@ -8,6 +8,13 @@ from ctr import definitions as D
 TEXT = ["The cat sat. Then it slept, and the dog barked at it.", "Short prompt."]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster, and far faster when other processes hold the cores."""
+    with extract.one_thread():
+        yield
+
+
 def wrapped(a, **kw):
     return models.wrap(f"tiny-{a}", tiny.model(a, **kw), tiny.tokenizer())
 
