@@ -128,4 +128,8 @@ def test_claim_rows_on_fabricated_runs():
     v = {r["id"]: r["verdict"] for r in rows}
     assert v == {"one_head_fails_r2_0.999": V.REPRODUCED, "two_heads_needed_r2_0.999": V.REPRODUCED,
                  "one_head_fails_r2_0.9": V.NOT, "two_heads_needed_r2_0.9": V.COMPATIBLE,
-                 "roles_function": V.COMPATIBLE, "roles_pattern": V.COMPATIBLE}
+                 "roles_function_r2_0.999": V.COMPATIBLE, "roles_pattern_r2_0.999": V.COMPATIBLE,
+                 "roles_function_r2_0.9": V.COMPATIBLE, "roles_pattern_r2_0.9": V.NOT}
+    assert mh.pick(runs)[0] == 0 and mh.pick(runs, ("low_loss",))[1].startswith("the first")
+    none = [dict(r, low_loss=False, success=False, r2=r["run"] / 100) for r in runs]
+    assert mh.pick(none)[0] == 14
