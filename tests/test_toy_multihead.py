@@ -103,6 +103,11 @@ def test_two_head_training_decreases_the_loss():
     assert all(hist["test_loss"][-1][r] < 0.5 * float(before[r]) for r in range(2))
 
 
+def test_bad_head_count_is_one_clear_error():
+    with pytest.raises(ValueError, match="positive integer"):
+        mh.model(0)
+
+
 def test_rules_every_outcome():
     assert mh.rule_one_head(0, 15, 0, 15) == V.REPRODUCED
     assert mh.rule_one_head(1, 15, 0, 15) == V.COMPATIBLE

@@ -59,6 +59,13 @@ def test_width2_construction_by_hand():
     assert torch.equal(h[0, 0, 0], h[0, 0, 1])
 
 
+def test_unknown_variant_is_one_clear_error():
+    with pytest.raises(ValueError, match="unknown toy variant.*width2, width4"):
+        toy.check_variants(["width3"])
+    with pytest.raises(ValueError, match="unknown toy variant"):
+        toy.construction("paper")
+
+
 def test_mechanism_detector_on_constructions_and_random_init(task):
     for variant in ("width2", "width4"):
         found = toy.mechanism(toy.construction(variant, 20.0), task)[0]

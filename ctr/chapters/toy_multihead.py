@@ -74,6 +74,8 @@ def segments(task: Task) -> dict:
 
 
 def model(heads: int = 2, s_tag: float = 10.0, seeds=(0,)) -> Toys:
+    if int(heads) != heads or heads < 1:
+        raise ValueError(f"heads per layer must be a positive integer, got {heads!r}")
     return Toys(list(seeds), s_tag, d=D, heads=heads, d_head=D_HEAD, n_sep=2, out_proj=True)
 
 

@@ -37,9 +37,18 @@ VARIANTS = {
 VAL, ONE, A, OUT = 0, 1, 2, 3
 
 
+def check_variants(variants) -> list[str]:
+    """The variant names, or one clear error naming the known ones."""
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise ValueError(f"unknown toy variant(s) {bad or variants!r}; use some of "
+                         f"{', '.join(VARIANTS)}")
+    return list(variants)
+
+
 def construction(variant: str, s_tag: float = 20.0, dtype=torch.float32) -> Toys:
     """The hand-set solution of `variant` (module docstring), as a model with one run."""
-    m = Toys([0], s_tag, **VARIANTS[variant]["arch"])
+    m = Toys([0], s_tag, **VARIANTS[check_variants([variant])[0]]["arch"])
     e = torch.eye(m.d)
     W = torch.zeros(2, 1, 3, m.d, m.d)               # (layer, head, Q/K/V, row, column)
     if variant == "width2":
@@ -131,6 +140,7 @@ def train_variant(cfg: dict) -> dict:
     tv_max."""
     t0 = time.process_time()
     seed = cfg["seed"]
+    check_variants([cfg["variant"]])
     data = make_task(cfg["n_sequences"], cfg["T"], derive(seed, "train"))
     test = make_task(cfg["n_test"], cfg["T"], derive(seed, "test"))
     slots = [(float(s), r) for s in cfg["s_tag_inits"] for r in range(cfg["n_seeds"])]
