@@ -247,11 +247,11 @@ def check(html: Path, names: list[str], screenshots: Path | None = None,
     passed_file.write_text(json.dumps(passed, indent=1, sort_keys=True))
     if problems:
         raise AssertionError("rendered-book check failed:\n  " + "\n  ".join(problems))
-    print(f"[ctr.htmlcheck] {len(report)} pages ok; "
-          + ", ".join(f"{k}: {len(v['images'])} figures"
-                      + (f", {v['explorers']} explorer(s)" if v["explorers"] else "")
-                      for k, v in report.items())
-          + (f"; unchanged since they passed: {', '.join(same)}" if same else "")
+    print(f"[ctr.htmlcheck] {len(report)} pages ok"
+          + "".join(f"; {k}: {len(v['images'])} figures"
+                    + (f", {v['explorers']} explorer(s)" if v["explorers"] else "")
+                    for k, v in report.items())
+          + (f"; {len(same)} unchanged since they passed ({', '.join(same)})" if same else "")
           + f"; screenshots in {screenshots}")
     shown = {k: len(v["plotting_code"]) for k, v in report.items() if v["plotting_code"]}
     if shown:
