@@ -305,6 +305,21 @@ def test_prose_and_tags_do_not_change_the_key_code_and_parameters_do(tmp_path):
     assert k(nb) != base
 
 
+def test_a_model_converted_by_the_run_is_keyed_as_the_run_left_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("CTR_CACHE", str(tmp_path))
+    nb, p = _nb(_code('models = ["gemma3-270m"]', "parameters")), {"models": ["gemma3-270m"]}
+    before = cache.key("t", p, nb, tmp_path, [], {})              # not converted yet
+    d = tmp_path / "models" / "gemma3-270m"
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(b"converted during the run")
+    (tmp_path / "t.ipynb").write_text("{}")
+    cache.record("t", cache.after_run(before, p, {}), tmp_path, tmp_path)
+    assert cache.stale("t", cache.key("t", p, nb, tmp_path, [], {}), tmp_path, tmp_path) is None
+    (d / "model.safetensors").write_bytes(b"converted again")
+    assert cache.stale("t", cache.key("t", p, nb, tmp_path, [], {}), tmp_path, tmp_path) == \
+        "model files changed"
+
+
 def test_model_files_and_versions_are_part_of_the_key(tmp_path, monkeypatch):
     monkeypatch.setenv("CTR_CACHE", str(tmp_path))
     d = tmp_path / "models" / "smollm2-135m"

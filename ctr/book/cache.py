@@ -211,8 +211,17 @@ def key(name: str, params: dict, source_nb, results_dir: Path, others: list[str]
         "models": _sha(model_fingerprint(models_of(params, defaults or {}))),
         "versions": _sha(versions(pkg_root)),
     }
-    parts["digest"] = _sha(parts)
+    parts["digest"] = _sha({k: v for k, v in parts.items()})
     return parts
+
+
+def after_run(k: dict, params: dict, defaults: dict | None = None) -> dict:
+    """The key to record for a run: the model files as the run left them (a first run converts
+    an embedded model into ~/.cache/ctr; keyed on the files before it, the next build would
+    re-run the chapter for nothing). Everything else stays as it was when the run started."""
+    k = dict(k, models=_sha(model_fingerprint(models_of(params, defaults or {}))))
+    k["digest"] = _sha({p: v for p, v in k.items() if p not in ("digest", "own_results")})
+    return k
 
 
 def key_path(executed_dir: Path, name: str) -> Path:

@@ -221,7 +221,8 @@ def run_chapter(name: str, given: dict | None = None, smoke: bool = False,
     os.replace(tmp, P["executed"] / f"{name}.ipynb")
     if failed.exists():
         failed.unlink()
-    cache.record(name, key, P["executed"], P["results"])
+    cache.record(name, cache.after_run(key, params, defaults(name, root)), P["executed"],
+                 P["results"])
     _record_time(P["results"], name, seconds, params, smoke)
     print(f"[ctr.book] {name}: done in {seconds:.0f} s", flush=True)
     return seconds
