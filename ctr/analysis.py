@@ -32,44 +32,61 @@ def _basis_batched(Vs: torch.Tensor, k: torch.Tensor, rtol: float = 1e-6) -> tor
 def layer_summary(A: torch.Tensor, V: torch.Tensor, O: torch.Tensor, window: int | None,
                   eps: float, min_queries: int, generator: torch.Generator | None = None,
                   alpha: torch.Tensor | None = None, random: bool = True) -> dict[str, torch.Tensor]:
-    """Sinks and VE for every head of one layer of one prompt.
+    """Sinks and VE for every head of one layer, of one prompt or of G prompts of equal length.
 
-    A (H, T, T), V (H, T, D), O (H, T, D) = A V (the head outputs). Returns per head: alpha
-    (H, T), sink mask (H, T), n_sinks, ve, ve_sq, ve_random (mean over 4 random subspaces of
-    the same dimension; NaN when ``random`` is False) and the sqrt(k/D) expectation.
+    A (H, T, T) or (G, H, T, T), V and O (H, T, D) or (G, H, T, D), O = A V (the head outputs).
+    Returns per head (leading dims as given): alpha (.., T), sink mask (.., T), n_sinks, ve,
+    ve_sq, ve_random (mean over 4 random subspaces of the same dimension; NaN when ``random`` is
+    False) and the sqrt(k/D) expectation. Random draws are made prompt by prompt, in order, as
+    (H, D, K_g) with K_g the prompt's most sinks in a head, so G prompts at once draw exactly
+    what G calls of one prompt would; ``generator`` may also be a list, one per prompt.
     """
-    H, T, Dh = V.shape
-    a = D.alpha(A, window, min_queries) if alpha is None else alpha
+    lead, T, Dh = A.shape[:-2], A.shape[-1], V.shape[-1]
+    G = lead[0] if len(lead) == 2 else 1
+    A, V, O = A.reshape(-1, T, T), V.reshape(-1, T, Dh), O.reshape(-1, T, Dh)   # (G*H, ...)
+    GH = A.shape[0]
+    a = (D.alpha(A, window, min_queries) if alpha is None else alpha).reshape(GH, T)
     S = D.sinks(a, eps)
     k = S.sum(-1)
-    K = int(k.max()) if H else 0
-    out = {"alpha": a, "S": S, "n_sinks": k}
-    nan = torch.full((H,), float("nan"), dtype=torch.float64)
+    K = int(k.max()) if GH else 0
+    out = {"alpha": a.reshape(*lead, T), "S": S.reshape(*lead, T), "n_sinks": k.reshape(lead)}
+    nan = torch.full(lead, float("nan"), dtype=torch.float64)
     if K == 0:
         out.update(ve=nan, ve_sq=nan, ve_random=nan, ve_expected=nan)
         return out
     # Pad each head's sink values to K rows (zeros add nothing to the span).
     order = torch.argsort((~S).to(torch.int8), dim=-1, stable=True)[:, :K]   # sink positions first
-    Vs = torch.gather(V, 1, order.unsqueeze(-1).expand(H, K, Dh))
-    Vs = Vs * (torch.arange(K).unsqueeze(0) < k.unsqueeze(1)).unsqueeze(-1).to(V.dtype)
+    Vs = torch.gather(V, 1, order.unsqueeze(-1).expand(GH, K, Dh))
+    cols = torch.arange(K).unsqueeze(0) < k.unsqueeze(1)                      # (G*H, K)
+    Vs = Vs * cols.unsqueeze(-1).to(V.dtype)
     U = _basis_batched(Vs, k)
     O64 = O.to(torch.float64)
     den = torch.linalg.norm(O64, dim=(-2, -1))
-    num = torch.linalg.norm(O64 @ U, dim=(-2, -1))
-    ve = num / den
-    # Random baseline: the first k_h columns of a random orthonormal frame are a random k_h-space.
-    draws = []
-    for _ in range(4 if random else 0):
-        G = torch.randn(H, Dh, K, generator=generator, dtype=torch.float64)
-        Q, _ = torch.linalg.qr(G)
-        Q = Q * (torch.arange(K) < k.unsqueeze(1)).unsqueeze(1).to(Q.dtype)
-        draws.append(torch.linalg.norm(O64 @ Q, dim=(-2, -1)) / den)
+    ve = torch.linalg.norm(O64 @ U, dim=(-2, -1)) / den
     has = k > 0
-    rnd = torch.stack(draws).mean(0) if draws else nan
-    out.update(ve=torch.where(has, ve, nan), ve_sq=torch.where(has, ve * ve, nan),
-               ve_random=torch.where(has, rnd, nan),
-               ve_expected=torch.where(has, (k.to(torch.float64) / Dh).sqrt(), nan))
+    rnd = torch.full((GH,), float("nan"), dtype=torch.float64)
+    if random:
+        # The first k_h columns of a random orthonormal frame are a random k_h-space.
+        H = GH // G
+        Kg = k.view(G, H).amax(1).tolist()
+        gens = generator if isinstance(generator, (list, tuple)) else [generator] * G
+        Gm = torch.zeros(G, 4, H, Dh, K, dtype=torch.float64)
+        for g in range(G):
+            for d in range(4 if Kg[g] else 0):
+                Gm[g, d, :, :, :Kg[g]] = torch.randn(H, Dh, Kg[g], generator=gens[g],
+                                                     dtype=torch.float64)
+        Q, _ = torch.linalg.qr(Gm)                                            # (G, 4, H, D, K)
+        Q = Q * cols.view(G, 1, H, 1, K).to(Q.dtype)
+        num = torch.linalg.norm(O64.view(G, 1, H, T, Dh) @ Q, dim=(-2, -1))   # (G, 4, H)
+        rnd = (num / den.view(G, 1, H)).mean(1).reshape(GH)
+    out.update(ve=_where(has, ve, lead), ve_sq=_where(has, ve * ve, lead),
+               ve_random=_where(has, rnd, lead),
+               ve_expected=_where(has, (k.to(torch.float64) / Dh).sqrt(), lead))
     return out
+
+
+def _where(has, x, lead):
+    return torch.where(has, x, float("nan")).reshape(lead)
 
 
 def _rows(name, prompt, layer, eps, T, s, toks) -> list[dict]:
@@ -93,10 +110,13 @@ def heads(model: Model, prompts, eps: float | Sequence[float] = D.EPS, min_queri
           max_tokens: int | None = None, batch_size: int = 1, seed: int = 0,
           progress: bool = True, desc: str | None = None,
           random_at: float | None = None) -> pd.DataFrame:
-    """One row per (prompt, layer, head, eps). Streams: holds one layer's attention at a time.
+    """One row per (prompt, layer, head, eps). Streams: holds one layer's attention at a time,
+    reduced inside the trace; the prompts of a batch with equal lengths are reduced together.
 
     The random-subspace baseline is drawn at one threshold only, ``random_at`` (default: 0.2 if
     it is among ``eps``, else the first), to keep threshold sweeps cheap; elsewhere it is NaN.
+    Its draws come from one generator per (prompt, layer), seeded from (seed, prompt, layer), so
+    they do not depend on ``batch_size`` or on the other prompts.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -105,22 +125,43 @@ def heads(model: Model, prompts, eps: float | Sequence[float] = D.EPS, min_queri
     eps_list = [eps] if isinstance(eps, (int, float)) else list(eps)
     if random_at is None:
         random_at = D.EPS if D.EPS in eps_list else eps_list[0]
-    gen = torch.Generator().manual_seed(seed)
+    def gen(p: int, layer: int) -> torch.Generator:
+        return torch.Generator().manual_seed((seed * 65536 + p) * 65536 + layer)
+
     rows = []
     bar = tqdm(total=len(prompts) * model.n_layers, desc=desc or model.name, unit="layer",
                disable=not progress, leave=False)
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompts))))
-        for rec in extract.layers(model, batch_all.select(idx)):
-            for b, p in enumerate(idx):
-                r = rec.prompt(b)
-                A, V, O = r.A[0].float(), r.V[0].float(), r.head_out[0].transpose(0, 1).float()
-                a = D.alpha(A, r.window, min_queries)
-                toks = batch_all.tokens[p]
+        sub = batch_all.select(idx)
+        groups: dict[int, list[int]] = {}           # prompts of equal length: reduced together
+        for b, n in enumerate(sub.lengths):
+            groups.setdefault(n, []).append(b)
+
+        def reduce(rec):
+            # Inside the trace, between two layers: nothing is handed to another thread.
+            out = {}
+            with extract.one_thread():
+                for n, bs in groups.items():
+                    whole = len(groups) == 1           # no padding: no copy of A
+                    A = (rec.A if whole else rec.A[bs, :, :n, :n]).float()
+                    V = (rec.V if whole else rec.V[bs, :, :n]).float()
+                    O = (rec.head_out if whole else rec.head_out[bs, :n]).transpose(1, 2).float()
+                    a = D.alpha(A, rec.window, min_queries)
+                    for e in eps_list:
+                        rnd = e == random_at
+                        gens = [gen(idx[b], rec.layer) for b in bs] if rnd else None
+                        s = layer_summary(A, V, O, rec.window, e, min_queries, gens, alpha=a,
+                                          random=rnd)
+                        for g, b in enumerate(bs):
+                            out[b, e] = _rows(model.name, idx[b], rec.layer, e, n,
+                                              {k: v[g] for k, v in s.items()},
+                                              batch_all.tokens[idx[b]])
+            for b in range(len(idx)):                  # rows in (prompt, eps) order
                 for e in eps_list:
-                    s = layer_summary(A, V, O, r.window, e, min_queries, gen, alpha=a,
-                                      random=(e == random_at))
-                    rows.extend(_rows(model.name, p, rec.layer, e, r.lengths[0], s, toks))
+                    rows.extend(out[b, e])
             bar.update(len(idx))
+
+        extract.run(model, sub, loss=False, on_layer=reduce)
     bar.close()
     return pd.DataFrame(rows)

@@ -1,16 +1,18 @@
 """Benchmark: the full per-head analysis against a bare transformers eager forward, in one run.
 
-    python -m ctr.bench [--model smollm2-135m] [--lengths 150 1024] [--repeats 3]
+    python -m ctr.bench [--model smollm2-135m] [--cases 1x150 8x150 1x1024] [--repeats 3]
 
-For each length T, the same natural text (IMDB reviews, truncated to T tokens) goes through
-(a) ``model.hf(input_ids)`` with eager attention, nothing else, (a') the decoder alone without
-the LM head (``model.hf.model``), and (b) ``analysis.heads``: nnsight extraction + alpha + sinks
-+ tags + VE + random baseline for every head. ctr stops after the last layer (it never needs
-logits), so (a') is the like-for-like baseline and (a) the one a user would time. Runs alternate
-(a, a', b, ...) after one warm-up of each; the table gives medians and the ratios b / a, b / a'.
+Each case is B prompts of T tokens (IMDB reviews, truncated to T tokens, all of length T). The
+same batch goes through (a) ``model.hf(input_ids, attention_mask)`` with eager attention,
+nothing else, (a') the decoder alone without the LM head, and (b) ``analysis.heads`` with
+``batch_size=B``: nnsight extraction + alpha + sinks + tags + VE + random baseline for every
+head. ctr stops after the last layer (it never needs logits), so (a') is the like-for-like
+baseline and (a) the one a user would time. Runs alternate (every case, a, a', b, ...) after
+one warm-up round; the table gives medians of wall time and of process CPU time (user + sys,
+all threads: less sensitive to other processes on the machine than wall time) and their ratios.
 Timed runs have no memory sampler (its thread would compete for the GIL); one more run of each
 measures peak memory: the process's peak resident set, sampled every 2 ms, and "extra", that
-peak minus the resident set just before the run (the model's weights are shared by both).
+peak minus the resident set just before the run (the model's weights are shared by all three).
 Machines are noisy: read the ratios, which come from runs interleaved in one process.
 """
 from __future__ import annotations
@@ -48,11 +50,12 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def timed(fn) -> float:
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process)."""
     gc.collect()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def peak(fn) -> tuple[int, int]:
@@ -61,10 +64,19 @@ def peak(fn) -> tuple[int, int]:
     return m.peak, m.peak - m.base
 
 
+def _case(s: str) -> tuple[int, int]:
+    try:
+        b, t = s.lower().split("x")
+        return int(b), int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a case is BxT, e.g. 8x150; got {s!r}") from None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--lengths", type=int, nargs="+", default=[150, 1024])
+    p.add_argument("--cases", type=_case, nargs="+", default=[(1, 150), (8, 150), (1, 1024)],
+                   help="BxT: B prompts of T tokens")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,50 +86,58 @@ def main(argv=None) -> int:
 
     torch.set_grad_enabled(False)
     m = models.load(args.model)
-    text = data.long_texts(1, min_words=2 * max(args.lengths), seed=0)[0]
+    decoder = arch.getpath(m.hf, arch.arch_of(m.config).layers.rsplit(".", 1)[0])
+    B_max, T_max = max(b for b, _ in args.cases), max(t for _, t in args.cases)
+    pool = data.long_texts(B_max, min_words=2 * T_max, seed=0)
     print(f"model {args.model}; torch threads {torch.get_num_threads()}; "
-          f"{psutil.cpu_count()} CPUs; repeats {args.repeats} (+1 warm-up)")
-    rows = []
-    for T in args.lengths:
-        batch = m.encode([text], max_tokens=T)
-        assert batch.lengths == [T]
+          f"{psutil.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; "
+          f"repeats {args.repeats} (+1 warm-up)")
 
-        def bare():
+    runs = {}
+    for B, T in args.cases:
+        texts = pool[:B]
+        batch = m.encode(texts, max_tokens=T)
+        if batch.lengths != [T] * B:
+            raise SystemExit(f"case {B}x{T}: prompts of {batch.lengths} tokens, not all {T}")
+
+        def bare(batch=batch):
             with torch.inference_mode():
-                m.hf(input_ids=batch.input_ids)
+                m.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
 
-        decoder = arch.getpath(m.hf, arch.arch_of(m.config).layers.rsplit(".", 1)[0])
-
-        def base():
+        def base(batch=batch):
             with torch.inference_mode():
-                decoder(input_ids=batch.input_ids)
+                decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
 
-        def ctr():
-            analysis.heads(m, batch_texts, max_tokens=T, progress=False)
+        def ctr(texts=texts, T=T, B=B):
+            analysis.heads(m, texts, max_tokens=T, batch_size=B, progress=False)
 
-        batch_texts = [text]
-        res = {"bare": [], "base": [], "ctr": []}
-        for i in range(args.repeats + 1):
-            for name, fn in (("bare", bare), ("base", base), ("ctr", ctr)):
+        runs[B, T] = {"bare": bare, "base": base, "ctr": ctr}
+
+    res = {(c, k): [] for c in runs for k in ("bare", "base", "ctr")}
+    for i in range(args.repeats + 1):
+        for c, fns in runs.items():
+            for name, fn in fns.items():
                 dt = timed(fn)
-                if i:                      # first round is the warm-up
-                    res[name].append(dt)
-        med = {k: [statistics.median(v)] for k, v in res.items()}
-        for name, fn in (("bare", bare), ("base", base), ("ctr", ctr)):
-            med[name].extend(peak(fn))
-        rows.append((T, med))
-    mb = 1 / 2**20
+                if i:                      # the first round is the warm-up
+                    res[c, name].append(dt)
+    mem = {(c, name): peak(fn) for c, fns in runs.items() for name, fn in fns.items()}
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
     print()
-    print("| T | HF forward s | decoder only s | ctr analysis s | time ratio vs forward "
-          "| vs decoder | HF peak RSS MB | ctr peak RSS MB | peak ratio | HF extra MB "
-          "| ctr extra MB | extra ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for T, med in rows:
-        b, d, c = med["bare"], med["base"], med["ctr"]
-        print(f"| {T} | {b[0]:.2f} | {d[0]:.2f} | {c[0]:.2f} | {c[0] / b[0]:.2f} | {c[0] / d[0]:.2f} "
-              f"| {b[1] * mb:.0f} | {c[1] * mb:.0f} | {c[1] / b[1]:.2f} | {b[2] * mb:.0f} "
-              f"| {c[2] * mb:.0f} | "
-              + (f"{c[2] / b[2]:.2f} |" if b[2] * mb >= 16 else "n/a (HF < 16 MB) |"))
+    print("| B x T | HF forward s | decoder only s | ctr analysis s | time ratio vs forward "
+          "| vs decoder | CPU ratio vs forward | vs decoder | HF peak RSS MB | ctr peak RSS MB "
+          "| peak ratio | HF extra MB | ctr extra MB | extra ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    mb = 1 / 2**20
+    for c in runs:
+        w = {k: statistics.median(x[0] for x in res[c, k]) for k in ("bare", "base", "ctr")}
+        cpu = {k: statistics.median(x[1] for x in res[c, k]) for k in ("bare", "base", "ctr")}
+        (bp, be), (cp, ce) = mem[c, "bare"], mem[c, "ctr"]
+        extra = f"{ce / be:.2f}" if be * mb >= 16 else "n/a (HF < 16 MB)"
+        print(f"| {c[0]} x {c[1]} | {w['bare']:.2f} | {w['base']:.2f} | {w['ctr']:.2f} "
+              f"| {w['ctr'] / w['bare']:.2f} | {w['ctr'] / w['base']:.2f} "
+              f"| {cpu['ctr'] / cpu['bare']:.2f} | {cpu['ctr'] / cpu['base']:.2f} "
+              f"| {bp * mb:.0f} | {cp * mb:.0f} | {cp / bp:.2f} | {be * mb:.0f} | {ce * mb:.0f} "
+              f"| {extra} |")
     return 0
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from ctr import extract, models, tiny
+from ctr import analysis, extract, models, tiny
 
 PREFIX = "Review: the film was long. Verdict:"
 SUFFIXES = [" good", " bad, very bad indeed.", " fine. It rained."]
@@ -100,7 +100,8 @@ def test_prefix_refuses_prompts_that_do_not_start_with_it():
     with pytest.raises(extract.ExtractionError, match="prompt 0 does not start"):
         list(extract.layers(m, other, prefix=pre))
     with pytest.raises(extract.ExtractionError, match="at least one more token"):
-        list(extract.layers(m, m.encode([PREFIX]), prefix=extract.prefix(m, m.encode([PREFIX]).input_ids[0])))
+        whole = m.encode([PREFIX])
+        list(extract.layers(m, whole, prefix=extract.prefix(m, whole.input_ids[0])))
 
 
 def hf_loss_and_logits(hf, batch):
@@ -115,7 +116,7 @@ def hf_loss_and_logits(hf, batch):
 def close(x, y, atol=1e-5):
     """Equal NaN patterns (padding) and values within atol (atol=0: identical)."""
     nan = torch.isnan(x)
-    return torch.equal(nan, torch.isnan(y)) and bool((x - y)[~nan].abs().max() <= atol)
+    return torch.equal(nan, torch.isnan(y)) and bool(((x - y)[~nan].abs() <= atol).all())
 
 
 @pytest.mark.parametrize("a", tiny.ARCHS)
@@ -220,3 +221,41 @@ def test_streams_interleave_with_other_runs():
             extract.run(m2, TEXT)
     for rec in extract.layers(m, batch):
         assert close(extract.run(m2, TEXT).loss, loss, 0)
+
+
+# --- the analysis on top of the engine --------------------------------------------------------
+
+def test_layer_summary_of_several_prompts_equals_one_call_per_prompt():
+    """Batched over G prompts, with the same random draws (prompt 1 has no sinks: no draws)."""
+    g = torch.Generator().manual_seed(3)
+    G, H, T, Dh = 3, 4, 20, 8
+    logits = torch.randn(G, H, T, T, generator=g) * 3
+    logits[..., 0] += 3
+    logits[:, 1:, :, 5] += 3
+    A = torch.softmax(logits.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")), -1)
+    A[1] = torch.eye(T)                    # attends to itself only: alpha = 1/n_t, no sink
+    V = torch.randn(G, H, T, Dh, generator=g)
+    O = A @ V
+    s = analysis.layer_summary(A, V, O, None, 0.2, 5, torch.Generator().manual_seed(0))
+    assert s["n_sinks"][1].sum() == 0 and s["n_sinks"][0].sum() > 0
+    gen = torch.Generator().manual_seed(0)
+    for i in range(G):
+        one = analysis.layer_summary(A[i], V[i], O[i], None, 0.2, 5, gen)
+        for key, x in one.items():
+            assert x.shape == s[key][i].shape, key
+            assert close(s[key][i].double(), x.double(), 1e-12), key
+
+
+def test_heads_do_not_depend_on_batch_size_for_equal_lengths():
+    m = models.load("tiny-planted-llama")
+    texts = [TEXT[0], TEXT[0][::-1], "It rained. We stayed in and read a book all afternoon."]
+    one = analysis.heads(m, texts, eps=[0.1, 0.2], max_tokens=40, min_queries=3, progress=False)
+    three = analysis.heads(m, texts, eps=[0.1, 0.2], max_tokens=40, min_queries=3,
+                           progress=False, batch_size=3)
+    key = ["prompt", "layer", "head", "eps"]
+    one, three = one.sort_values(key, ignore_index=True), three.sort_values(key, ignore_index=True)
+    assert one.drop(columns=["ve", "ve_sq", "ve_random"]).equals(
+        three.drop(columns=["ve", "ve_sq", "ve_random"]))
+    for c in ("ve", "ve_sq", "ve_random"):
+        assert close(torch.tensor(one[c].values), torch.tensor(three[c].values), 1e-12), c
+    assert one["n_sinks"].sum() > 0 and one["ve_random"].notna().any()
