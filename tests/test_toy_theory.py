@@ -187,11 +187,14 @@ def test_claim_rows_on_fabricated_runs():
     runs = [{"s_tag_init": s, "run": r, "success": r < k, "mechanism": {"mechanism": r == 0}}
             for s, k in ((10.0, 2), (6.0, 6), (1.0, 10)) for r in range(10)]
     rows = toy.claim_rows("width4", runs, [1, 3, 20], [1.0, 0.5, 1e-6], paper)
-    assert [r["id"] for r in rows] == ["construction", "success_init_10", "success_init_6",
-                                       "success_init_1", "success_trend", "emergence"]
+    assert [r["id"] for r in rows] == [f"{i}_width4" for i in (
+        "construction", "success_init_10", "success_init_6", "success_init_1", "success_trend",
+        "emergence")]                     # not the paper's model: rows of its own
     assert all(set(r) == set(V.COLUMNS) and r["model"] == toy.VARIANTS["width4"]["label"]
                for r in rows)
-    v = {r["id"]: r["verdict"] for r in rows}
+    assert [r["id"] for r in toy.claim_rows("width2", runs, [1, 3, 20], [1.0, 0.5, 1e-6], paper)][:2] \
+        == ["construction", "success_init_10"]
+    v = {r["id"].removesuffix("_width4"): r["verdict"] for r in rows}
     assert v["success_init_1"] == V.NOT and v["success_trend"] == V.NOT
     assert v["emergence"] == V.NOT                      # 3 of 18 successful runs
 

@@ -244,9 +244,14 @@ def rule_emergence(n_mechanism: int, n_success: int) -> str:
 
 
 def claim_rows(variant: str, runs: list[dict], s_grid, max_errors, paper: dict) -> list[dict]:
-    """The paper / ours / verdict rows of one variant. paper: results.paper()["toy"]."""
+    """The paper / ours / verdict rows of one variant. paper: results.paper()["toy"].
+
+    The width-2 variant is the model the paper's page describes; its rows carry the claims'
+    plain ids. Any other variant's rows get ids of their own ("..._width4"), so the scorecard
+    lists them as separate rows instead of mixing two models into one verdict."""
     label = VARIANTS[variant]["label"]
-    rows = [V.row("construction", label, "a construction solves the task; its error -> 0 as "
+    suffix = "" if variant == "width2" else f"_{variant}"
+    rows = [V.row("construction" + suffix, label, "a construction solves the task; its error -> 0 as "
                   "s_tag grows (Theorem 7.1)", "Theorem 7.1",
                   f"max |error| {max_errors[0]:.2g} at s_tag = {s_grid[0]:g}, "
                   f"{max_errors[-1]:.1e} at {s_grid[-1]:g}", "-", RULES["construction"],
@@ -260,7 +265,7 @@ def claim_rows(variant: str, runs: list[dict], s_grid, max_errors, paper: dict) 
             continue
         ks, ns, inits = ks + [k], ns + [n], inits + [s]
         lo, hi = stats.wilson(k, n)
-        rows.append(V.row(f"success_init_{s:g}", label,
+        rows.append(V.row(f"success_init_{s:g}{suffix}", label,
                           f"success rate (R^2 > 0.9) with s_tag initialised at {s:g}",
                           f"{pk}/{pn}", f"{k}/{n} (Wilson [{lo:.2f}, {hi:.2f}])",
                           V.interval(*newcombe(k, n, pk, pn), what="95% CI ours - paper"),
@@ -269,7 +274,7 @@ def claim_rows(variant: str, runs: list[dict], s_grid, max_errors, paper: dict) 
                                 [p["runs"] for p in paper["success"]],
                                 [p["s_tag_init"] for p in paper["success"]])
     t = stats.cochran_armitage(ks, ns, inits)
-    rows.append(V.row("success_trend", label, "success rises with the initial s_tag",
+    rows.append(V.row("success_trend" + suffix, label, "success rises with the initial s_tag",
                       " > ".join(f"{p['successes']}/{p['runs']}" for p in paper["success"])
                       + f" (trend z = {pt['z']:.2f}, p = {pt['p']:.2f})",
                       ", ".join(f"{k}/{n}" for k, n in zip(ks, ns)),
@@ -277,7 +282,7 @@ def claim_rows(variant: str, runs: list[dict], s_grid, max_errors, paper: dict) 
                       rule_trend(ks, ns, inits)))
     ok = [r for r in runs if r["success"]]
     k = sum(r["mechanism"]["mechanism"] for r in ok)
-    rows.append(V.row("emergence", label, "successful runs show catch, tag, release (Fig. 7)",
+    rows.append(V.row("emergence" + suffix, label, "successful runs show catch, tag, release (Fig. 7)",
                       "yes (Fig. 7)", f"{k} of {len(ok)} successful runs",
                       V.interval(*stats.wilson(k, len(ok))) if ok else "-",
                       RULES["emergence"], rule_emergence(k, len(ok))))
