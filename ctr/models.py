@@ -82,6 +82,20 @@ def available() -> list[str]:
     return [name for name in EMBEDDED if _gguf.is_installed(name)]
 
 
+def names(which) -> list[str]:
+    """A chapter's ``models`` parameter as a list: "default" = the embedded models every build has
+    (installed by ``make setup``), "installed" = those plus the optional ones installed here, or
+    a list of names as given. The default book runs on "default", so installing the optional
+    models (``make models-extra``) changes only the pages that ask for them (Scale)."""
+    if which == "default":
+        return [n for n in available() if not EMBEDDED[n].extra]
+    if which == "installed":
+        return available()
+    if isinstance(which, str):
+        return [which]
+    return list(which)
+
+
 def _convert(name: str, target: Path) -> None:
     """GGUF -> fp32 safetensors + tokenizer in ``target``, written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
