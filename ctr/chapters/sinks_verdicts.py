@@ -43,7 +43,7 @@ def cluster_gain(X_in, X_out, labels, n_boot: int = 300, seed: int = 0) -> dict:
     return {"gain": float(obs), "lo": float(lo), "hi": float(hi)}
 
 
-def persistence(c: Capture, keep: torch.Tensor, labels: np.ndarray, second: int,
+def persistence(c, keep, labels: np.ndarray, second: int,
                 n_boot: int = 1000, n_perm: int = 2000, seed: int = 0) -> dict:
     """Separation of the two groups of caught tokens along the difference of the two tags
     written into the residual stream, u = W_O,h (v_second - v_0): Cohen's d of the projections

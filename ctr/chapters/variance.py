@@ -12,7 +12,7 @@ The rules that turn these numbers into verdicts are in ``variance_verdicts``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -279,5 +279,6 @@ def summary(r: Result) -> dict:
         "ve_zero_by_layer": np.nan_to_num(ve).mean(axis=(0, 2)).tolist(),
         # per prompt, for intervals computed by other chapters (QK-norm, scale)
         "by_prompt": {"sinks_per_head": n.reshape(n.shape[0], -1).mean(1).tolist(),
-                      "ve_zero": np.nan_to_num(ve).reshape(n.shape[0], -1).mean(1).tolist()},
+                      "ve_zero": np.nan_to_num(ve).reshape(n.shape[0], -1).mean(1).tolist(),
+                      "bos_sink": r.bos_sink.reshape(n.shape[0], -1).mean(1).tolist()},
     }
