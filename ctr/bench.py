@@ -1,6 +1,7 @@
 """Benchmark: the full per-head analysis against a bare transformers eager forward, in one run.
 
     python -m ctr.bench [--model smollm2-135m] [--cases 1x150 8x150 1x1024] [--repeats 3]
+                        [--threads N]
 
 Each case is B prompts of T tokens (IMDB reviews, truncated to T tokens, all of length T). The
 same batch goes through (a) ``model.hf(input_ids, attention_mask)`` with eager attention,
@@ -78,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=_case, nargs="+", default=[(1, 150), (8, 150), (1, 1024)],
                    help="BxT: B prompts of T tokens")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's); 1 is steadier on a shared machine")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -85,6 +88,8 @@ def main(argv=None) -> int:
     from . import analysis, arch, data, models
 
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     m = models.load(args.model)
     decoder = arch.getpath(m.hf, arch.arch_of(m.config).layers.rsplit(".", 1)[0])
     B_max, T_max = max(b for b, _ in args.cases), max(t for _, t in args.cases)
