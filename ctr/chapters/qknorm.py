@@ -20,7 +20,7 @@ from .. import models as M
 def detect(name: str) -> dict:
     m = M.load(name)
     where = arch.arch_of(m.config)
-    a = getattr(arch.getpath(m.hf, where.layers)[0], where.attn)
+    a = arch.getpath(arch.getpath(m.hf, where.layers)[0], where.attn)
     out = {"model": name, "architecture": m.architecture, "qk_norm": m.qk_norm,
            "evidence": (f"{type(a).__name__} has q_norm={type(a.q_norm).__name__}, "
                         f"k_norm={type(a.k_norm).__name__}") if m.qk_norm
