@@ -104,9 +104,15 @@ def test_sentiment_balanced_in_each_split(sentiment):
 def test_sentiment_uses_the_papers_template(sentiment):
     head = data.SENTIMENT_TEMPLATE.split("{sentence}")[0]
     assert head.startswith("it's a charming and often affecting journey. This statement is: POSITIVE.\n")
+    ends = set()
     for text, m in zip(sentiment.texts, sentiment.meta):
-        assert text.startswith(head) and text.endswith(". This statement is:")
-        assert m["sentence"].rstrip(" .") in text
+        assert text.startswith(head) and text.endswith(" This statement is:")
+        body = text[len(head):-len(" This statement is:")]
+        assert body[-1] in ".?!" and not body.endswith(("?.", "!."))   # never "?." or "!."
+        ends.add(body[-1])
+        squash = lambda x: "".join(x.split()).rstrip(".")  # noqa: E731  (corpus spaces punctuation)
+        assert squash(body) == squash(m["sentence"])
+    assert "?" in ends or "!" in ends         # the default set has such sentences: the case is live
 
 
 def test_sentiment_labels_come_from_the_corpus_and_exclude_the_examples(sentiment):
