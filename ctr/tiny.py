@@ -8,6 +8,8 @@ random heads still show sinks for the chapters' code paths to exercise.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import transformers as tf
 
@@ -71,7 +73,13 @@ def config(arch: str, layers: int = 2, window: int | None = None):
         if model_type == "gemma3_text":
             # sliding, then full: both kinds of layer in two layers
             common["layer_types"] = (["sliding_attention", "full_attention"] * layers)[:layers]
-    return tf.CONFIG_MAPPING[model_type](**{**common, **extra})
+    cls = tf.CONFIG_MAPPING[model_type]
+    # A config class stores any keyword it is given; one whose model has no grouped-query
+    # attention (GPT-NeoX, OPT, Persimmon) would then report 2 key/value heads it does not have.
+    if "num_key_value_heads" not in inspect.signature(cls.__init__).parameters \
+            and "num_key_value_heads" not in extra:
+        common.pop("num_key_value_heads", None)
+    return cls(**{**common, **extra})
 
 
 # Architectures ctr refuses, each with a tiny config: name -> (why, model_type, settings).
