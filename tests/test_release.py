@@ -245,3 +245,34 @@ def test_the_chapter_runs_in_smoke_mode(tmp_path):
     assert all(r["verdict"] in V.VERDICTS for r in res["claims"])
     nb = nbformat.read(str(tmp_path / "release.ipynb"), as_version=4)
     assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_first_token_spread_is_taken_within_prompts_that_share_the_first_token():
+    H, T, Dh = 2, 3, 4
+    V = torch.randn(3, H, T, Dh, generator=torch.Generator().manual_seed(0))
+    V[1, :, 0] = V[0, :, 0]                         # prompts 0 and 1 start with the same token
+    ids = torch.tensor([[5, 1, 2], [5, 3, 4], [7, 1, 1]])
+    acc = R._Accumulator(3, H, T, Dh)
+    acc.add([0, 1, 2], ids, torch.zeros(3, H, T, dtype=torch.bool), V)
+    assert acc.done().bos_spread == 0.0               # different first tokens are not compared
+    V[1, 0, 0] += 1.0
+    acc = R._Accumulator(3, H, T, Dh)
+    acc.add([0, 1, 2], ids, torch.zeros(3, H, T, dtype=torch.bool), V)
+    assert acc.done().bos_spread > 0.1
+
+
+def test_swapping_only_cells_before_the_first_difference_is_a_no_op(planted):
+    """Why swap() does not run such pairs: before the difference both prompts are the same
+    tokens, so their values are the same (causality)."""
+    p = RS.sentiment_pairs(planted, 1)
+    m, l = planted, 1
+    V_b = clean_layer(m, m.encode([p.texts[1]]), l)[1]
+    batch = m.encode([p.texts[0]])
+    C = torch.zeros(1, m.n_heads, batch.input_ids.shape[1], dtype=torch.bool)
+    C[..., :p.differ_from[0]] = True
+    clean = extract.run(m, batch, positions="last")
+    r = extract.run(m, batch, positions="last", edits={l: RS.swap_edit(V_b, C)})
+    assert torch.allclose(r.logits, clean.logits, atol=1e-5)
+    C[..., p.differ_from[0]:] = True                  # one more position and it does change
+    r = extract.run(m, batch, positions="last", edits={l: RS.swap_edit(V_b, C)})
+    assert not torch.allclose(r.logits, clean.logits, atol=1e-4)

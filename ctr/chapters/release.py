@@ -17,9 +17,11 @@ Ablations of head (l, h) on one prompt, S its sinks, o(t) = sum_k A[t,k] v_k its
   that is specific to this prompt goes. Only sink occurrences enter the mean, because a sink
   "." may differ systematically from a non-sink "."; a token that is a sink of the head in only
   one prompt is its own mean there and loses nothing (the chapter reports how often).
-- ``bos`` / ``mid``: the sinks at position 0 only, or every other sink. BOS sees only itself,
-  so its value vector is the same in every prompt: mean-ablating it is exactly a no-op (checked
-  in the clean pass, ``bos_spread``), and only ``zero`` is run for it.
+- ``bos`` / ``mid``: the sinks at position 0 only (BOS, where the model's BOS policy prepends
+  one; else the first text token), or every other sink. The first token sees only itself, so
+  its value vector depends on its token id alone (the same in every prompt when it is BOS):
+  mean-ablating it by token is exactly a no-op (checked in the clean pass, ``bos_spread``), and
+  only ``zero`` is run for it.
 - control: per (prompt, head) a uniformly random subspace Q of dimension k (the number of
   sinks removed); at every token the part of o(t) in Q, rescaled to the norm of what the
   ablation removes there, is removed instead (``random_control``).
@@ -118,7 +120,8 @@ class LayerStats:
     tokens: torch.Tensor             # (U,) token ids that are a mid-prompt sink somewhere
     mean: torch.Tensor               # (H, U, D) mean value of (head, token) over its sinks
     n_prompts: torch.Tensor          # (H, U) prompts in which (head, token) is a sink
-    bos_spread: float = 0.0          # max over prompts and heads ||v_0 - mean v_0|| / ||mean v_0||
+    bos_spread: float = 0.0          # max over prompts and heads of ||v_0 - m|| / ||m||, m the
+    #                                  mean v_0 of the prompts with the same first token
 
 
 class _Accumulator:
@@ -127,7 +130,8 @@ class _Accumulator:
         self.sums: dict[tuple[int, int], torch.Tensor] = {}      # (h, tok) -> (D,) float64
         self.counts: dict[tuple[int, int], int] = {}
         self.prompts: dict[tuple[int, int], set] = {}
-        self.bos: list[torch.Tensor] = []                        # (b, H, D) BOS values
+        self.bos: list[torch.Tensor] = []                        # (b, H, D) first-token values
+        self.first: list[torch.Tensor] = []                      # (b,) first token ids
         self.Dh = Dh
 
     def add(self, idx, ids, S, V):
@@ -140,6 +144,7 @@ class _Accumulator:
             self.counts[key] = self.counts.get(key, 0) + 1
             self.prompts.setdefault(key, set()).add(idx[bb])
         self.bos.append(V[:, :, 0].double())
+        self.first.append(ids[:, 0])
 
     def done(self) -> LayerStats:
         H = self.S.shape[1]
@@ -150,9 +155,12 @@ class _Accumulator:
         for (h, t), s in self.sums.items():
             mean[h, pos[t]] = s / self.counts[(h, t)]
             npr[h, pos[t]] = len(self.prompts[(h, t)])
-        v0 = torch.cat(self.bos)                                            # (P, H, D)
-        m0 = v0.mean(0)
-        spread = float(((v0 - m0).norm(dim=-1) / m0.norm(dim=-1).clamp_min(1e-30)).max())
+        v0, first = torch.cat(self.bos), torch.cat(self.first)             # (P, H, D), (P,)
+        spread = 0.0
+        for tok in first.unique():
+            g = v0[first == tok]
+            m0 = g.mean(0)
+            spread = max(spread, float(((g - m0).norm(dim=-1) / m0.norm(dim=-1).clamp_min(1e-30)).max()))
         return LayerStats(self.S, torch.tensor(toks, dtype=torch.long), mean, npr, spread)
 
 
@@ -226,6 +234,7 @@ class Ablation:
     delta: dict[str, np.ndarray]     # condition -> (K, P) per-prompt mean change in loss
     removed_share: dict[str, np.ndarray]   # condition -> (K,) sum ||removed|| / sum ||o||
     clean_loss: np.ndarray           # (P,) mean loss of the clean run on the scored positions
+    skipped: list = field(default_factory=list)   # (layer, condition) with no such sink: not run
     sinks: dict = field(default_factory=dict)   # per layer: bos, mid sinks per head, mean support
     bos_spread: list = field(default_factory=list)
     n_layers: int = 0
@@ -267,9 +276,16 @@ def ablate(model: Model, texts: list[str], max_tokens: int = 150, eps: float = D
     share = {c: np.zeros(len(layers)) for c in names}
     bar = tqdm(total=len(layers) * len(names) * len(chunks), desc=f"{model.name}: ablations",
                unit="pass", disable=not progress)
+    skipped = []
     for i, l in enumerate(layers):
         for ci, c in enumerate(names):
             ablation, which = CONDITIONS[c.removesuffix("_ctrl")]
+            if not select(stats[l].S, which).any():
+                # no such sink in any prompt: the edit removes exactly nothing (tested), so the
+                # pass would give the clean loss; it is not run
+                skipped.append((l, c))
+                bar.update(len(chunks))
+                continue
             gen = torch.Generator().manual_seed(seed * 1_000_003 + 1009 * l + ci)
             log: dict = {}
             for j, idx in enumerate(chunks):
@@ -280,10 +296,10 @@ def ablate(model: Model, texts: list[str], max_tokens: int = 150, eps: float = D
                                 start=resid[idx[0]].start(l))
                 delta[c][i, idx] = _per_prompt(r.loss - clean[j])
                 bar.update(1)
-            share[c][i] = log["removed"] / log["output"] if log.get("output") else np.nan
+            share[c][i] = log["removed"] / log["output"]
     bar.close()
     clean_loss = np.concatenate([_per_prompt(x) for x in clean])
-    return Ablation(model.name, layers, list(conditions), delta, share, clean_loss,
+    return Ablation(model.name, layers, list(conditions), delta, share, clean_loss, skipped,
                     sinks=_sink_summary(stats, layers, batch.input_ids), bos_spread=[stats[l].bos_spread for l in range(L)],
                     n_layers=L, n_positions=n_positions, seconds=time.time() - t0,
                     cpu=cpu_seconds() - c0)
@@ -325,6 +341,7 @@ def summary(a: Ablation) -> dict:
             "delta": {c: a.delta[c].mean(1).tolist() for c in a.delta},
             "delta_by_prompt": {c: a.delta[c].tolist() for c in a.delta},
             "removed_share": {c: a.removed_share[c].tolist() for c in a.removed_share},
+            "skipped": [[l, c] for l, c in a.skipped],
             "sinks": {str(l): v for l, v in a.sinks.items()},
             "bos_spread_max": float(max(a.bos_spread)) if a.bos_spread else None,
             "seconds": round(a.seconds, 1), "cpu_seconds": round(a.cpu, 1)}

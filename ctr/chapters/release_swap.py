@@ -15,7 +15,7 @@ vectors of some (head, position) cells replaced by the donor's at the same posit
 
 - ``head_sink``: the probe-selected head, at its sinks in r (eps, the probes chapter's guard);
 - ``head_ctrl``: the same head, at the non-sink token nearest each sink (s-1, s+1, s-2, ...;
-  never BOS): as many cells, as close to the answer;
+  never position 0): as many cells, as close to the answer;
 - ``layer_sink`` / ``layer_ctrl``: the same for every head of that layer;
 - ``layer_all``: every position of every head of the layer (a reference: what the layer's
   values carry at all).
@@ -194,7 +194,7 @@ def select_head(model: Model, task: str, eps: float = D.EPS, n: int = 200, n_tra
 
 def control_positions(S: torch.Tensor, n: int) -> torch.Tensor:
     """For sinks S (T,) of one head in a prompt of n tokens: the non-sink token nearest each
-    sink (s-1, s+1, s-2, ...; never BOS, each used once), as a mask (T,)."""
+    sink (s-1, s+1, s-2, ...; never position 0, each used once), as a mask (T,)."""
     T = S.shape[0]
     out = torch.zeros(T, dtype=torch.bool)
     for s in torch.nonzero(S[:n]).flatten().tolist():
@@ -220,16 +220,12 @@ def cells(condition: str, S: torch.Tensor, head: int, lengths) -> torch.Tensor:
     return out
 
 
-def swap_edit(V_donor: torch.Tensor, C: torch.Tensor, log: dict | None = None):
+def swap_edit(V_donor: torch.Tensor, C: torch.Tensor):
     """Edit: the values of cells C (B, H, T) replaced by the donor's V_donor (B, H, T, D);
     outputs change by A (V' - V) only where C is set (every other output is kept exactly)."""
     def edit(rec):
         T = rec.head_out.shape[1]
         dV = (V_donor[:, :, :T].to(rec.V.dtype) - rec.V) * C[:, :, :T].unsqueeze(-1).to(rec.V.dtype)
-        if log is not None:                  # attention of the final token on swapped cells
-            last = torch.tensor(rec.lengths) - 1
-            a = rec.A[torch.arange(len(last)), :, last]                       # (B, H, T)
-            log["mass"] = (a * C[:, :, :T]).sum(-1).double()                  # (B, H)
         return rec.head_out + (rec.A @ dV).transpose(1, 2)
     return edit
 
@@ -249,6 +245,8 @@ class Swap:
     n_cells_differ: dict[str, np.ndarray] = field(default_factory=dict)   # ... at or after the difference
     mass: dict[str, np.ndarray] = field(default_factory=dict)      # condition -> (M,) final token's
     #                                                                attention on them (head mean)
+    run: dict[str, int] = field(default_factory=dict)   # condition -> directed pairs run (the rest
+    #                                                     swap only cells before the difference)
     seconds: float = 0.0
     cpu: float = 0.0
 
@@ -290,7 +288,7 @@ def swap(model: Model, pairs: Pairs, layer: int | None, head: int | None, eps: f
                 else [(a, b) if i % 2 == 0 else (b, a) for i, (a, b) in enumerate(directed)])
     out = Swap(pairs.task, model.name, layer, head, source, min_queries, np.zeros(N2), directed)
     order = sorted(range(N2), key=lambda i: (len(model.ids(pairs.texts[i])), i))
-    V, S, R = {}, {}, {}
+    V, S, R, A = {}, {}, {}, {}
     for k in range(0, N2, batch_size):
         idx = order[k:k + batch_size]
         batch = model.encode([pairs.texts[i] for i in idx])
@@ -302,6 +300,7 @@ def swap(model: Model, pairs: Pairs, layer: int | None, head: int | None, eps: f
             for b, i in enumerate(idx):
                 n = rec.lengths[b]
                 V[i], S[i] = rec.V[b, :, :n].clone(), Sb[b, :, :n].clone()
+                A[i] = rec.A[b, :, n - 1, :n].double()          # (H, n) the final token's row
         r = extract.run(model, batch, loss=False, positions="last", vocab=list(pairs.answer_ids),
                         keep_resid=[] if layer is None else [layer], on_layer=keep)
         out.ld[idx] = (r.logits[:, 0, 0] - r.logits[:, 0, 1]).double().numpy()
@@ -312,29 +311,31 @@ def swap(model: Model, pairs: Pairs, layer: int | None, head: int | None, eps: f
         out.seconds, out.cpu = time.time() - t0, cpu_seconds() - c0
         return out
     M = len(directed)
-    mo = sorted(range(M), key=lambda j: (len(R[directed[j][0]]), j))
     for cond in conditions:
         if cond.startswith("head") and head is None:
             continue
-        ld, nc, nd, ms = (np.full(M, np.nan) for _ in range(4))
-        for k in range(0, M, batch_size):
-            js = mo[k:k + batch_size]
+        Cs = [cells(cond, S[r][None], head or 0, [S[r].shape[1]])[0] for r, _ in directed]
+        first = [pairs.differ_from[r // 2] for r, _ in directed]
+        hs = [head] if cond.startswith("head") else list(range(model.n_heads))
+        ld = out.ld[[r for r, _ in directed]].copy()    # a swap before the difference: no change
+        out.n_cells[cond] = np.array([int(c.sum()) for c in Cs])
+        out.n_cells_differ[cond] = np.array([int(c[:, f:].sum()) for c, f in zip(Cs, first)])
+        out.mass[cond] = np.array([float((A[r] * C)[hs].sum(-1).mean()) for (r, _), C in zip(directed, Cs)])
+        # cells before the first difference hold the same values in both prompts (causality):
+        # swapping only those is exactly a no-op, so those pairs are not run
+        todo = sorted((j for j in range(M) if out.n_cells_differ[cond][j]),
+                      key=lambda j: (Cs[j].shape[1], j))
+        out.run[cond] = len(todo)
+        for k in range(0, len(todo), batch_size):
+            js = todo[k:k + batch_size]
             rs, ds = [directed[j][0] for j in js], [directed[j][1] for j in js]
             batch = model.encode([pairs.texts[i] for i in rs])
             T = batch.input_ids.shape[1]
-            lengths = batch.lengths
-            C = cells(cond, _stack([S[i] for i in rs], T, 1), head or 0, lengths)
-            log: dict = {}
-            f = swap_edit(_stack([V[i] for i in ds], T, 1), C, log)
+            f = swap_edit(_stack([V[i] for i in ds], T, 1), _stack([Cs[j] for j in js], T, 1))
             r = extract.run(model, batch, loss=False, positions="last",
                             vocab=list(pairs.answer_ids), edits={layer: f},
                             start=(layer, _stack([R[i] for i in rs], T, 0)))
             ld[js] = (r.logits[:, 0, 0] - r.logits[:, 0, 1]).double().numpy()
-            first = torch.tensor([pairs.differ_from[i // 2] for i in rs])
-            nc[js] = C.sum((1, 2)).numpy()
-            nd[js] = (C & (torch.arange(T).view(1, 1, T) >= first.view(-1, 1, 1))).sum((1, 2)).numpy()
-            hs = [head] if cond.startswith("head") else list(range(model.n_heads))
-            ms[js] = log["mass"][:, hs].mean(1).numpy()
-        out.swapped[cond], out.n_cells[cond], out.n_cells_differ[cond], out.mass[cond] = ld, nc, nd, ms
+        out.swapped[cond] = ld
     out.seconds, out.cpu = time.time() - t0, cpu_seconds() - c0
     return out

@@ -134,8 +134,9 @@ def swap_intervals(s: Swap, n_boot: int = 1000, seed: int = 0) -> dict:
 # --- the chapter's rows ---------------------------------------------------------------------------
 
 ABLATION_CLAIMS = {
-    "zero_bos": ("tags_lm_bos", "removing the BOS tags (z_tag) of every head of a layer hurts "
-                 "next-token prediction more than removing the same norm in a random subspace"),
+    "zero_bos": ("tags_lm_bos", "removing the first token's tags (z_tag; BOS where the model "
+                 "has one) from every head of a layer hurts next-token prediction more than "
+                 "removing the same norm in a random subspace"),
     "zero_mid": ("tags_lm_mid", "removing the mid-prompt tags (z_tag) of every head of a layer "
                  "hurts next-token prediction more than removing the same norm in a random subspace"),
     "mean_mid": ("tags_lm_specific", "the prompt-specific part of mid-prompt tags matters: "
