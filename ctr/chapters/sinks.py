@@ -52,7 +52,8 @@ class Search:
 
 
 def caught(A: torch.Tensor, sinks: list[int]) -> list[int]:
-    """Non-sink tokens whose most-attended sink (among ``sinks``, BOS included) is not BOS."""
+    """Non-sink tokens whose most-attended sink (among ``sinks``, position 0 included) is not
+    the first token."""
     mid = [s for s in sinks if s != 0]
     if not mid:
         return []

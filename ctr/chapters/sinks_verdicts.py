@@ -79,7 +79,7 @@ def persistence(c, keep, labels: np.ndarray, second: int,
 # --- rules (numbers in, verdict out) ------------------------------------------------------------
 
 def rule_two_sinks(candidates: int) -> str:
-    """A head with BOS and a mid-prompt sink exists: at least one (prompt, head) meets the rule."""
+    """A head whose sinks are the first token and a mid-prompt token exists: at least one (prompt, head) meets the rule."""
     return V.REPRODUCED if candidates >= 1 else V.NOT
 
 
@@ -96,9 +96,9 @@ def rule_persist(qualifies: bool, lo, hi) -> str:
 
 
 def rule_own_sinks(heads_with_mid_sink: int, disjoint: bool, jaccard: float | None) -> str:
-    """Each head picks its own sinks: two heads of one prompt have different non-BOS sinks, or
+    """Each head picks its own sinks: two heads of one prompt have different mid-prompt sinks, or
     (sharing one) catch mostly different tokens (Jaccard of the caught tokens below 0.5). Needs
-    two heads with a non-BOS sink."""
+    two heads with a mid-prompt sink."""
     if heads_with_mid_sink < 2:
         return V.UNTESTABLE
     return V.REPRODUCED if disjoint or (jaccard is not None and jaccard < 0.5) else V.NOT
@@ -111,9 +111,9 @@ def claims(name: str, r: dict) -> list[dict]:
     ok = r["qualifies"]
     lo, hi = stats.wilson(r["candidates"], r["heads_seen"])
     g, p, o = r["cluster_gain"], r["persist"] or {}, r["other"]
-    why = "no head has two sinks (BOS + mid-prompt)"
+    why = "no head has two sinks (the first token and a mid-prompt token)"
     rows = [
-        V.row("two_sinks", name, "a head has BOS + a mid-prompt sink", "yes (Fig. 1)",
+        V.row("two_sinks", name, "a head has two sinks: the first token and a mid-prompt token", "yes (Fig. 1)",
               f"{r['candidates']} of {r['heads_seen']} (prompt, head) pairs",
               V.interval(lo, hi, "{:.3f}", "share, 95% Wilson"),
               "at least one head meets the search rule", rule_two_sinks(r["candidates"])),
@@ -134,12 +134,12 @@ def claims(name: str, r: dict) -> list[dict]:
               rule_persist(ok and p.get("delta") is not None, p.get("lo"), p.get("hi"))),
         V.row("own_sinks", name, "each head picks its own sinks", "yes (Fig. 2)",
               (f"L{r['layer']}H{r['head']} {r['sinks']} vs L{o['layer']}H{o['head']} {o['sinks']}; "
-               + ("different non-BOS sinks" if r["other_disjoint"] else
+               + ("different mid-prompt sinks" if r["other_disjoint"] else
                   f"caught tokens overlap (Jaccard) {r['jaccard']:.2f}")
-               if o else "no second head with a non-BOS sink")
-              + f"; {r['heads_with_mid_sink']} heads of the prompt have a non-BOS sink", "-",
-              "two heads of one prompt with different non-BOS sinks, or caught-token Jaccard "
-              "below 0.5; needs two heads with a non-BOS sink",
+               if o else "no second head with a mid-prompt sink")
+              + f"; {r['heads_with_mid_sink']} heads of the prompt have a mid-prompt sink", "-",
+              "two heads of one prompt with different mid-prompt sinks, or caught-token Jaccard "
+              "below 0.5; needs two heads with a mid-prompt sink",
               rule_own_sinks(r["heads_with_mid_sink"], r["other_disjoint"], r["jaccard"])),
     ]
     return rows
