@@ -77,6 +77,7 @@ def skeleton(dst: Path, chapters=("sinks",), own=None) -> Path:
     for f in ("_config.yml", "references.bib"):
         shutil.copy(REPO / f, dst / f)
     (dst / "book").mkdir()
+    (dst / "ctr").symlink_to(REPO / "ctr")      # chapters show package code (literalinclude)
     shutil.copy(REPO / "book" / "references.md", dst / "book" / "references.md")
     for c in chapters:
         shutil.copy(REPO / "book" / f"{c}.ipynb", dst / "book" / f"{c}.ipynb")
