@@ -276,3 +276,16 @@ def test_swapping_only_cells_before_the_first_difference_is_a_no_op(planted):
     C[..., p.differ_from[0]:] = True                  # one more position and it does change
     r = extract.run(m, batch, positions="last", edits={l: RS.swap_edit(V_b, C)})
     assert not torch.allclose(r.logits, clean.logits, atol=1e-4)
+
+
+def test_ablate_adds_the_layers_with_the_largest_tags_and_removes_their_measured_share(planted):
+    texts = ["The cat sat. The dog ran. It rained all day.", "One. Two, three. Four and five."]
+    a = R.ablate(planted, texts, max_tokens=40, min_queries=2, layers=[], top=1,
+                 conditions=("zero_bos",), progress=False)
+    share = np.array(a.tag_share)                                     # (L, 2)
+    l = int(np.argmax(share.sum(1)))
+    assert a.layers == [l] and share[l].sum() > 0
+    # the ablation run removes what the clean pass measured, and the control the same norm
+    assert a.removed_share["zero_bos"][0] == pytest.approx(share[l, 0], rel=1e-4)
+    assert a.removed_share["zero_bos_ctrl"][0] == pytest.approx(share[l, 0], rel=1e-4)
+    assert a.delta["zero_bos"].shape == (1, 2) and np.isfinite(a.delta["zero_bos"]).all()

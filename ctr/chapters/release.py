@@ -235,6 +235,8 @@ class Ablation:
     removed_share: dict[str, np.ndarray]   # condition -> (K,) sum ||removed|| / sum ||o||
     clean_loss: np.ndarray           # (P,) mean loss of the clean run on the scored positions
     skipped: list = field(default_factory=list)   # (layer, condition) with no such sink: not run
+    tag_share: list = field(default_factory=list)  # every layer: [first-token, mid] sum ||z_tag|| /
+    #                                                sum ||o|| over heads, tokens, prompts (clean)
     sinks: dict = field(default_factory=dict)   # per layer: bos, mid sinks per head, mean support
     bos_spread: list = field(default_factory=list)
     n_layers: int = 0
@@ -244,10 +246,13 @@ class Ablation:
 
 
 def ablate(model: Model, texts: list[str], max_tokens: int = 150, eps: float = D.EPS,
-           min_queries: int = 16, layers: list[int] | None = None, conditions=tuple(CONDITIONS),
-           n_positions: int | None = None, seed: int = 0, batch_size: int = 32,
-           progress: bool = True) -> Ablation:
-    """Each condition and its control at each of ``layers`` (default all), on every prompt."""
+           min_queries: int = 16, layers: list[int] | None = None, top: int = 0,
+           conditions=tuple(CONDITIONS), n_positions: int | None = None, seed: int = 0,
+           batch_size: int = 32, progress: bool = True) -> Ablation:
+    """Each condition and its control at each of ``layers`` (default all), on every prompt;
+    with ``top``, also at the ``top`` layers whose tags (first-token and mid-prompt together)
+    hold the largest share of the head outputs' norm in the clean pass (chosen before any
+    ablation is run, on the size of the tags, not on what removing them does)."""
     D.check_eps(eps)
     D.check_min_queries(min_queries)
     bad = set(conditions) - set(CONDITIONS)
@@ -260,6 +265,7 @@ def ablate(model: Model, texts: list[str], max_tokens: int = 150, eps: float = D
     mask = loss_mask(batch.lengths, batch.input_ids.shape[1], n_positions, seed)
     chunks = [list(range(i, min(i + batch_size, P))) for i in range(0, P, batch_size)]
     acc = {l: _Accumulator(P, H, batch.input_ids.shape[1], Dh) for l in range(L)}
+    norms = np.zeros((L, 3))                   # per layer: sum ||z_tag|| (first, mid), sum ||o||
     clean, resid = [], {}
     for idx in chunks:
         sub = batch.select(idx)
@@ -267,10 +273,18 @@ def ablate(model: Model, texts: list[str], max_tokens: int = 150, eps: float = D
         def collect(rec, idx=idx, sub=sub):
             S = sink_mask(rec.A, rec.lengths, rec.window, eps, min_queries)
             acc[rec.layer].add(idx, sub.input_ids, S, rec.V)
-        r = extract.run(model, sub, loss=_sub(mask, idx, sub), keep_resid=layers, on_layer=collect)
+            valid = torch.arange(rec.A.shape[-1]).unsqueeze(0) < torch.tensor(rec.lengths).unsqueeze(1)
+            for j, which in enumerate(("bos", "mid")):
+                norms[rec.layer, j] += float(removed_part(rec.A, rec.V, select(S, which))
+                                             .norm(dim=-1)[valid].sum())
+            norms[rec.layer, 2] += float(rec.head_out.double().norm(dim=-1)[valid].sum())
+        r = extract.run(model, sub, loss=_sub(mask, idx, sub), keep_resid=True, on_layer=collect)
         clean.append(r.loss)
         resid[idx[0]] = r
     stats = {l: acc[l].done() for l in range(L)}
+    tag_share = norms[:, :2] / np.maximum(norms[:, 2:], 1e-300)              # (L, 2)
+    if top:
+        layers = sorted(set(layers) | set(np.argsort(-tag_share.sum(1), kind="stable")[:top].tolist()))
     names = [c for n in conditions for c in (n, f"{n}_ctrl")]
     delta = {c: np.zeros((len(layers), P)) for c in names}
     share = {c: np.zeros(len(layers)) for c in names}
@@ -300,6 +314,7 @@ def ablate(model: Model, texts: list[str], max_tokens: int = 150, eps: float = D
     bar.close()
     clean_loss = np.concatenate([_per_prompt(x) for x in clean])
     return Ablation(model.name, layers, list(conditions), delta, share, clean_loss, skipped,
+                    tag_share.tolist(),
                     sinks=_sink_summary(stats, layers, batch.input_ids), bos_spread=[stats[l].bos_spread for l in range(L)],
                     n_layers=L, n_positions=n_positions, seconds=time.time() - t0,
                     cpu=cpu_seconds() - c0)
@@ -341,7 +356,7 @@ def summary(a: Ablation) -> dict:
             "delta": {c: a.delta[c].mean(1).tolist() for c in a.delta},
             "delta_by_prompt": {c: a.delta[c].tolist() for c in a.delta},
             "removed_share": {c: a.removed_share[c].tolist() for c in a.removed_share},
-            "skipped": [[l, c] for l, c in a.skipped],
+            "skipped": [[l, c] for l, c in a.skipped], "tag_share": a.tag_share,
             "sinks": {str(l): v for l, v in a.sinks.items()},
             "bos_spread_max": float(max(a.bos_spread)) if a.bos_spread else None,
             "seconds": round(a.seconds, 1), "cpu_seconds": round(a.cpu, 1)}
