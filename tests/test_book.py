@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from ctr import book
-from ctr.book import cache, explorer, htmlcheck
+from ctr.book import cache, explorer, htmlcheck, present
 
 REPO = book.ROOT
 NOISE = ("IProgress not found", "TqdmWarning", "Kernel is running over TCP")
@@ -190,17 +190,17 @@ def _from_command(cmd: str) -> dict:
 @pytest.mark.parametrize("name", book.toc_notebooks())
 def test_rerun_command_gives_back_the_parameters_of_the_build(name):
     dflt = book.defaults(name)
-    assert _from_command(cache.rerun_command(name, dflt, dflt)) == {}    # defaults: no PARAMS
+    assert _from_command(present.rerun_command(name, dflt, dflt)) == {}    # defaults: no PARAMS
     smoke = {k: v for k, v in book.resolve(name, {}, smoke=True).items() if k != "results_dir"}
-    assert _from_command(cache.rerun_command(name, smoke, dflt)) == \
+    assert _from_command(present.rerun_command(name, smoke, dflt)) == \
         {k: v for k, v in smoke.items() if dflt.get(k) != v}
 
 
 def test_rerun_command_quotes_what_the_shell_would_split():
     given = {"models": ["a", "b c"], "eps": 1e-05, "note": "x y", "flag": None, "d": {"k": 1}}
-    cmd = cache.rerun_command("x", given, {})
+    cmd = present.rerun_command("x", given, {})
     assert _from_command(cmd) == given
-    assert "models=[smollm2-135m,gemma3-270m]" in cache.rerun_command(
+    assert "models=[smollm2-135m,gemma3-270m]" in present.rerun_command(
         "x", {"models": ["smollm2-135m", "gemma3-270m"]}, {})      # lists stay readable
 
 
@@ -209,7 +209,7 @@ def test_present_hides_the_parameter_cells_and_adds_one_rerun_box():
              _code("n = 5\nsmoke = True", "injected-parameters"), _code("print(n)"))
     info = {"n": {"help": "how many"}, "smoke": {"help": ""}}
     for _ in range(2):                      # presenting twice changes nothing more
-        nb = cache.present(nb, "t", {"n": 5, "smoke": True}, info, {"n": 3, "smoke": False})
+        nb = present.present(nb, "t", {"n": 5, "smoke": True}, info, {"n": 3, "smoke": False})
         tags = [c.metadata.get("tags", []) for c in nb.cells]
         assert "remove-cell" in tags[1] and "remove-cell" in tags[3] and "remove-cell" not in tags[4]
         boxes = [c for c in nb.cells if c.metadata.get("ctr") == "rerun"]

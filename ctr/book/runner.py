@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from ..results import write_atomic
-from . import cache
+from . import cache, present
 
 ROOT = Path(__file__).resolve().parents[2]    # the repository; tests pass a copy instead
 
@@ -171,7 +171,7 @@ def _finish(name: str, raw, params: dict, root: Path):
     """The executed notebook as written: today's source prose + the run's outputs, presented.
     None when the outputs no longer line up with the source (the chapter must re-run)."""
     merged = cache.merge(cache.read(source(name, root)), raw)
-    return None if merged is None else cache.present(merged, name, params, _inspect(name, root),
+    return None if merged is None else present.present(merged, name, params, _inspect(name, root),
                                                      defaults(name, root))
 
 
