@@ -261,3 +261,16 @@ def test_heads_do_not_depend_on_batch_size_for_equal_lengths():
     for c in ("ve", "ve_sq", "ve_random"):
         assert close(torch.tensor(one[c].values), torch.tensor(three[c].values), 1e-12), c
     assert one["n_sinks"].sum() > 0 and one["ve_random"].notna().any()
+
+
+def test_common_prefix_leaves_the_final_token():
+    from ctr.models import Batch
+
+    def batch(seqs):
+        T = max(map(len, seqs))
+        ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
+        return Batch(ids, (ids > 0).long(), [len(s) for s in seqs], [[]] * len(seqs))
+
+    assert extract.common_prefix(batch([[1, 2, 3, 4], [1, 2, 3, 5]])) == 3
+    assert extract.common_prefix(batch([[1, 2, 3], [1, 2, 3]])) == 2      # one token left to each
+    assert extract.common_prefix(batch([[1, 2, 3], [1, 9, 3, 4]])) == 1

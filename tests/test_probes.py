@@ -260,12 +260,6 @@ def prompts():
     return {"cities": data.cities(16, 8).texts, "sentiment": data.sentiment(8, 4).texts}
 
 
-def test_common_prefix_leaves_the_final_token():
-    assert probes._common_prefix([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
-    assert probes._common_prefix([[1, 2, 3], [1, 2, 3]]) == 2
-    assert probes._common_prefix([[1, 2, 3], [1, 9, 3, 4]]) == 1
-
-
 @pytest.mark.parametrize("task", ["cities", "sentiment"])
 def test_shared_prefix_gives_the_same_features_as_full_prompts(planted_model, prompts, task):
     texts = prompts[task]

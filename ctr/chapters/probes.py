@@ -27,7 +27,7 @@ from .. import definitions as D
 from ..data import Labelled
 from ..models import Model
 from . import probes_stats as PS
-from .probes_features import Features, _common_prefix, features, guard_for  # noqa: F401
+from .probes_features import Features, features, guard_for  # noqa: F401
 from .probes_stats import KINDS, chance_level, logistic, select_head  # noqa: F401
 
 

@@ -4,24 +4,20 @@ attention (``definitions.alpha`` with the tail guard ``min_queries``), for sever
 one set of forward passes.
 
 Speed: the prompts of a task share their first tokens (the two-shot examples of the sentiment
-template, "The city of" in the cities). That common prefix is run once; each batch continues
-from a copy of its key/value cache, and the prompt's full attention matrix is put back together
-(prefix rows are the same in every prompt, by causality) before the definitions are applied,
-so alpha, the sinks and z_tag are those of the whole prompt. ``shared_prefix=False`` runs every
-prompt in full through ``ctr.extract`` instead; the tests check both give the same features.
-(This module is moved unchanged out of ``probes.py``; the extraction engine will replace it.)
+template, "The city of" in the cities). ``ctr.extract`` runs that common prefix once and each
+batch on a copy of its key/value cache, and hands back records of the whole prompts (the full
+attention matrix put back together), so alpha, the sinks and z_tag are those of the whole
+prompt. ``shared_prefix=False`` runs every prompt in full; the tests check both give the same
+features.
 """
 from __future__ import annotations
 
-import copy
-import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm   # text bars: they go to the log, never into the HTML
 
-from .. import arch as _arch
 from .. import definitions as D
 from .. import extract
 from ..models import Model
@@ -101,111 +97,17 @@ def _groups(lengths: list[int]) -> dict[int, list[int]]:
     return g
 
 
-def _common_prefix(seqs: list[list[int]]) -> int:
-    """Tokens every prompt starts with, leaving at least one token (the final one) to each."""
-    k = min(len(s) for s in seqs) - 1
-    first = seqs[0]
-    for s in seqs[1:]:
-        while k and s[:k] != first[:k]:
-            k -= 1
-    return k
-
-
-def _run_full(model, batch_all, order, batch_size, st: _Store, bar):
+def _run(model, batch_all, order, batch_size, st: _Store, bar, pre):
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         sub = batch_all.select(idx)
         groups = _groups(sub.lengths)
-        for rec in extract.layers(model, sub):
+        for rec in extract.layers(model, sub, prefix=pre):
             with extract.one_thread():
                 for n, bs in groups.items():
                     st.add([idx[b] for b in bs], rec.layer, rec.A[bs, :, :n, :n].float(),
                            rec.V[bs, :, :n].float(), rec.head_out[bs, n - 1], rec.window)
             bar.update(len(idx))
-
-
-class _Stop(Exception):
-    pass
-
-
-def _forward(base, ids, mask, kw, cache):
-    try:
-        base(input_ids=ids, attention_mask=mask, use_cache=True, **{kw: cache})
-    except _Stop:
-        pass
-
-
-def _run_shared(model, seqs, P, order, batch_size, st: _Store, bar):
-    """The common prefix (P tokens) once, then each batch from a copy of its cache."""
-    from transformers import DynamicCache
-
-    a = _arch.arch_of(model.config)
-    layers = _arch.getpath(model.hf, a.layers)
-    base = _arch.getpath(model.hf, a.layers.rsplit(".", 1)[0])   # decoder without the LM head
-    kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    H, KV, windows = model.n_heads, model.n_kv_heads, model.windows
-    state: dict = {}
-
-    def pre_o(l):
-        def hook(mod, args):
-            state["o"] = args[0]                         # (B, Ts, H * D): per-head outputs
-        return hook
-
-    def post_attn(l):
-        def hook(mod, args, out):
-            A = out[1]                                   # (B, H, Ts, P + Ts) eager weights
-            if state["phase"] == "prefix":
-                state["A_pre"][l] = A[0]
-                if l == len(layers) - 1:
-                    raise _Stop()
-                return
-            Vall = state["cache"].layers[l].values       # (B, KV, P + Ts, D) incl. the prefix
-            Vall = Vall.repeat_interleave(H // KV, dim=1) if KV != H else Vall
-            O = state["o"].unflatten(-1, (H, -1))
-            A_pre = state["A_pre"][l]
-            with extract.one_thread():
-                for n, bs in state["groups"].items():       # n = suffix length
-                    T = P + n
-                    Af = A.new_zeros(len(bs), H, T, T)
-                    Af[:, :, :P, :P] = A_pre                 # prefix rows: the same in every prompt
-                    Af[:, :, P:, :] = A[bs, :, :n, :T]
-                    st.add([state["idx"][b] for b in bs], l, Af.float(), Vall[bs, :, :T].float(),
-                           O[bs, n - 1], windows[l])
-            if l == len(layers) - 1:
-                raise _Stop()                            # the last MLP and norm are not needed
-        return hook
-
-    hooks = []
-    for l, layer in enumerate(layers):
-        att = getattr(layer, a.attn)
-        hooks.append(_arch.getpath(att, a.out_proj).register_forward_pre_hook(pre_o(l)))
-        hooks.append(att.register_forward_hook(post_attn(l)))
-    try:
-        with torch.inference_mode():
-            prefix = DynamicCache(config=model.config)
-            state.update(phase="prefix", A_pre={})
-            ids = torch.tensor([seqs[0][:P]])
-            _forward(base, ids, torch.ones_like(ids), kw, prefix)
-            state["phase"] = "suffix"
-            pad = model.tokenizer.pad_token_id or 0
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                suf = [seqs[i][P:] for i in idx]
-                Ts = max(len(s) for s in suf)
-                ids = torch.full((len(idx), Ts), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), P + Ts), dtype=torch.long)
-                mask[:, :P] = 1
-                for b, s in enumerate(suf):
-                    ids[b, :len(s)] = torch.tensor(s)
-                    mask[b, P:P + len(s)] = 1
-                cache = copy.deepcopy(prefix)
-                cache.batch_repeat_interleave(len(idx))
-                state.update(cache=cache, idx=idx, groups=_groups([len(s) for s in suf]))
-                _forward(base, ids, mask, kw, cache)
-                bar.update(len(idx) * len(layers))
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def features(model: Model, texts: list[str], eps: float = D.EPS, guards=(1,),
@@ -217,17 +119,11 @@ def features(model: Model, texts: list[str], eps: float = D.EPS, guards=(1,),
     st = _Store(N, L, model.n_heads, model.head_dim, sorted(set(guards)), eps)
     # Sorting by length keeps padding (wasted compute) small; the order is fixed, so reruns match.
     order = sorted(range(N), key=lambda i: (batch_all.lengths[i], i))
-    seqs = [batch_all.input_ids[i, :n].tolist() for i, n in enumerate(batch_all.lengths)]
-    P = _common_prefix(seqs) if shared_prefix and N > 1 else 0
-    window = min((w for w in model.windows if w), default=None)
-    if window is not None and max(batch_all.lengths) >= window - 1:
-        P = 0                    # a sliding cache would drop keys: run the prompts in full
+    P = extract.common_prefix(batch_all) if shared_prefix and N > 1 else 0
+    pre = extract.prefix(model, batch_all.input_ids[0, :P]) if P else None
     bar = tqdm(total=N * L, desc=desc or model.name, unit="layer", disable=not progress,
                leave=False)
-    if P:
-        _run_shared(model, seqs, P, order, batch_size, st, bar)
-    else:
-        _run_full(model, batch_all, order, batch_size, st, bar)
+    _run(model, batch_all, order, batch_size, st, bar, pre)
     bar.close()
     G = st.by_guard
     return Features(st.o, G(st.zt), G(st.zn), G(st.ns), G(st.ss), G(st.top), G(st.mass),
