@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ctr import definitions as D
-from ctr import extract, models, tiny
+from ctr import extract, models
 from ctr import verdicts as V
 from ctr.chapters import release as R
 from ctr.chapters import release_swap as RS
