@@ -97,3 +97,9 @@ def test_html_links_each_chapter_and_shows_rules(fabricated):
     h = scorecard.to_html(scorecard.table(fabricated, chapters=("a", "b")))
     assert h.count("<tr>") == 8 and "href='a.html'" in h and "href='b.html'" in h
     assert "<th>rule</th>" in h and "95% CI [0, 1]" in h
+
+
+def test_claims_beyond_the_paper_read_supported(fabricated):
+    h = scorecard.to_html(scorecard.table(fabricated, chapters=("a",)), words=scorecard.BEYOND_WORDS)
+    assert "<b>supported</b>" in h and "<b>not supported</b>" in h and "<b>reproduced</b>" not in h
+    assert "m2: not supported" in h and "m1: supported" in h

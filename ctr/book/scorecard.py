@@ -73,8 +73,14 @@ COLOURS = {V.REPRODUCED: "#d9f0d3", V.COMPATIBLE: "#e6f0fa", V.PARTLY: "#fee8c8"
            V.NOT: "#fcd5d5", V.UNTESTABLE: "#e5e5e5"}
 
 
-def to_html(t: pd.DataFrame, rule: bool = True) -> str:
-    """The table as HTML with a link to each chapter (pages sit side by side in the book)."""
+# A claim the book adds is not "reproduced": it is supported (or not) by our own experiment.
+BEYOND_WORDS = {V.REPRODUCED: "supported", V.NOT: "not supported"}
+
+
+def to_html(t: pd.DataFrame, rule: bool = True, words: dict | None = None) -> str:
+    """The table as HTML with a link to each chapter (pages sit side by side in the book);
+    ``words``: how a verdict is shown (``BEYOND_WORDS`` for claims beyond the paper)."""
+    words = words or {}
     cols = ["claim", "paper", "ours (95% interval)", *(["rule"] if rule else []), "verdict",
             "chapter"]
     head = "".join(f"<th>{h}</th>" for h in cols)
@@ -86,7 +92,14 @@ def to_html(t: pd.DataFrame, rule: bool = True) -> str:
             f"<tr><td>{html.escape(r.claim)}</td><td>{html.escape(r.paper)}</td><td>{ours}</td>"
             + (f"<td><small>{html.escape(r.rule)}</small></td>" if rule else "")
             + f"<td style='background:{COLOURS[r.verdict]}' title='{html.escape(r['per model'])}'>"
-            f"<b>{r.verdict}</b><br><small>{html.escape(r['per model'])}</small></td>"
+            f"<b>{words.get(r.verdict, r.verdict)}</b><br><small>"
+            f"{html.escape(_reword(r['per model'], words))}</small></td>"
             f"<td><a href='{r.chapter}.html'>{TITLES.get(r.chapter, r.chapter)}</a></td></tr>")
     return (f"<table class='table scorecard'><thead><tr>{head}</tr></thead><tbody>"
             f"{''.join(body)}</tbody></table>")
+
+
+def _reword(text: str, words: dict) -> str:
+    for v in sorted(words, key=len, reverse=True):      # "not reproduced" before "reproduced"
+        text = text.replace(f": {v}", f": {words[v]}")
+    return text
