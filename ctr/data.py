@@ -109,7 +109,8 @@ _THE = {"United States", "United Kingdom", "United Arab Emirates", "Philippines"
         "Palestinian Territory", "Solomon Islands", "Marshall Islands"}
 
 
-def _country(name: str) -> str:
+def country_phrase(name: str) -> str:
+    """A country as it reads after "is in": "the Netherlands", "France"."""
     name = name.strip()
     if name == "The Netherlands":
         name = "Netherlands"
@@ -170,7 +171,7 @@ def cities(n: int = 600, n_train: int = 400, seed: int = 0, min_population: int 
     texts, meta = [], []
     for i, c in enumerate(chosen):
         code = stated[i]
-        texts.append(f"The city of {c['name']} is in {_country(countries[code])}.")
+        texts.append(f"The city of {c['name']} is in {country_phrase(countries[code])}.")
         meta.append({"city": c["name"], "country": countries[c["countrycode"]],
                      "stated": countries[code]})
     return Labelled(texts, labels, split, meta)

@@ -108,11 +108,11 @@ def city_pairs(model: Model, n_pairs: int = 200, seed: int = 0) -> Pairs:
     rng = random.Random(seed)
     (c1, k1), (c2, k2) = cities[0], cities[1]
     wrong = next(k for k in countries if k not in (k1, k2))
-    demo = [f"The city of {c1} is in {data._country(k1)}.",
-            f"The city of {c2} is in {data._country(wrong)}."]
+    demo = [f"The city of {c1} is in {data.country_phrase(k1)}.",
+            f"The city of {c2} is in {data.country_phrase(wrong)}."]
 
     def prompt(city, country):
-        return CITY_TEMPLATE.format(*demo, statement=f"The city of {city} is in {data._country(country)}.")
+        return CITY_TEMPLATE.format(*demo, statement=f"The city of {city} is in {data.country_phrase(country)}.")
 
     def candidates():
         for city, true in cities[2:]:
