@@ -64,8 +64,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from .models import ModelError, PromptError
     try:
+        if args.cmd == "inspect":      # bad settings fail before a model is loaded
+            from . import definitions as D
+            D.check_eps(args.eps)
+            D.check_min_queries(args.min_queries)
+            if args.max_tokens is not None and args.max_tokens < 2:
+                raise PromptError(f"--max-tokens {args.max_tokens} must be >= 2: a sink score "
+                                  "needs a key and at least one later query")
         return {"inspect": _inspect, "models": _models}[args.cmd](args)
-    except (ModelError, PromptError) as e:
+    except (ModelError, PromptError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -542,3 +542,19 @@ def test_rerun_with_same_parameters_gives_identical_numbers(built, tmp_path):
     before = res.read_text()
     book.run_chapter("sinks", smoke=True, root=root)
     assert res.read_text() == before
+
+
+@pytest.mark.parametrize("given,msg", [({"eps": 2}, r"outside \(0, 1\)"),
+                                       ({"eps": 0}, r"outside \(0, 1\)"),
+                                       ({"min_queries": 0}, "min_queries"),
+                                       ({"max_tokens": 1}, "max_tokens=1 must be")])
+def test_bad_settings_fail_before_any_kernel_starts(given, msg):
+    with pytest.raises(book.BookError, match=msg):
+        book.resolve("sinks", given)
+
+
+def test_an_unwritable_results_dir_fails_before_any_kernel_starts(tmp_path):
+    root = skeleton(tmp_path)
+    (root / "book" / "executed").write_text("a file where the executed notebooks should go")
+    with pytest.raises(book.BookError, match="cannot write results"):
+        book.resolve("sinks", {}, root=root)

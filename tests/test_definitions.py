@@ -198,3 +198,20 @@ def test_unwritable_results_dir_is_refused(tmp_path):
         assert not list(tmp_path.glob("**/x.json"))
     finally:
         os.chmod(tmp_path / "ro", 0o700)
+
+
+@pytest.mark.parametrize("mt", [1, 0, -5, 2.5])
+def test_max_tokens_below_2_is_refused(mt):
+    from ctr import models
+    m = models.load("tiny-planted-llama")
+    with pytest.raises(models.PromptError, match="max_tokens"):
+        m.encode(["The cat sat on the mat."], max_tokens=mt)
+    assert m.encode(["The cat sat on the mat."], max_tokens=2).lengths == [2]
+
+
+def test_cli_refuses_eps_outside_0_1():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "ctr", "inspect", "tiny-planted-llama", "The cat.",
+                        "--eps", "2"], capture_output=True, text=True)
+    assert r.returncode != 0 and "outside (0, 1)" in r.stderr and "Traceback" not in r.stderr

@@ -136,7 +136,31 @@ def resolve(name: str, given: dict, smoke: bool = False, root: Path = ROOT) -> d
             if key in known and key not in given:
                 params[key] = [SMOKE_MODEL] if key == "models" else SMOKE_MODEL
     params.update(given)
+    _check_values(name, params)
     return params
+
+
+def _check_values(name: str, params: dict) -> None:
+    """The settings every chapter shares are checked before a kernel starts: one clear error."""
+    from .. import definitions as D
+    from ..results import check_dir
+
+    try:
+        for key in ("eps", "main_eps"):
+            if params.get(key) is not None:
+                D.check_eps(params[key])
+        if params.get("eps_sweep") is not None:
+            D.check_eps(params["eps_sweep"])
+        if params.get("min_queries") is not None:
+            D.check_min_queries(params["min_queries"])
+        mt = params.get("max_tokens")
+        if mt is not None and (int(mt) != mt or mt < 2):
+            raise ValueError(f"max_tokens={mt} must be a whole number >= 2: a sink score needs a "
+                             "key and at least one later query")
+        if "results_dir" in params:
+            check_dir(params["results_dir"])
+    except (ValueError, TypeError, OSError) as e:
+        raise BookError(f"chapter {name!r}: {e}") from e
 
 
 def prepare_env() -> None:
