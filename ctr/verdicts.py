@@ -51,21 +51,8 @@ def by_interval(lo: float | None, hi: float | None, low: float = -math.inf,
 
 
 def all_of(*parts: str) -> str:
-    """A claim made of several parts, each with its own verdict."""
-    for p in parts:
-        check(p)
-    if any(p == UNTESTABLE for p in parts):
-        tested = [p for p in parts if p != UNTESTABLE]
-        if not tested:
-            return UNTESTABLE
-        parts = tuple(tested)
-    if all(p == REPRODUCED for p in parts):
-        return REPRODUCED
-    if all(p == NOT for p in parts):
-        return NOT
-    if all(p in (REPRODUCED, COMPATIBLE) for p in parts):
-        return COMPATIBLE
-    return PARTLY
+    """A claim made of several parts, each with its own verdict (same rule as `combine`)."""
+    return combine(parts)
 
 
 def combine(verdicts) -> str:

@@ -218,3 +218,15 @@ def test_claim_rows_on_the_planted_model_are_complete():
     assert [x["id"] for x in rows] == ["sinks_1_2", "ve_20_40", "sweep", "tag_orth_cross",
                                       "tag_orth_within", "tag_token", "tag_token_abs"]
     assert all(set(x) == set(V.COLUMNS) and x["verdict"] in V.VERDICTS for x in rows)
+
+
+def test_layer_mean_ignores_nan_and_keeps_empty_layers_empty():
+    import warnings
+    from ctr.chapters.variance import layer_mean
+    x = np.full((2, 3, 2), np.nan)
+    x[0, 0, 0], x[1, 0, 1] = 0.2, 0.4          # layer 0: two values
+    x[1, 2, 0] = 1.0                          # layer 2: one value; layer 1: none
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # a "Mean of empty slice" warning fails the test
+        m = layer_mean(x)
+    assert m[0] == pytest.approx(0.3) and np.isnan(m[1]) and m[2] == 1.0

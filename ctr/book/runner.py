@@ -171,6 +171,9 @@ def prepare_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"   # figures inline
+    # a log is not a terminal: a bar redrawn every 0.1 s fills it with megabytes of \r lines
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", "10")
     # tqdm.auto in a kernel without ipywidgets warns once, then draws plain text bars anyway
     quiet = "ignore:IProgress not found"
     if quiet not in os.environ.get("PYTHONWARNINGS", ""):

@@ -223,6 +223,15 @@ def sweep_means(r: Result) -> dict[str, np.ndarray]:
             "ve_excluded": excl}
 
 
+def layer_mean(x: np.ndarray) -> np.ndarray:
+    """Mean over prompts and heads of a [prompt, layer, head] array, ignoring NaN; a layer with
+    no value gives NaN (no warning: a layer where no head has a sink is a result, not an error)."""
+    ok = ~np.isnan(x)
+    cnt = ok.sum(axis=(0, 2))
+    tot = np.where(ok, x, 0.0).sum(axis=(0, 2))
+    return np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
+
+
 def summary(r: Result) -> dict:
     """The chapter's key numbers for one model (what the results file keeps; no intervals)."""
     e = r.eps.index(r.main_eps)
@@ -273,9 +282,7 @@ def summary(r: Result) -> dict:
                           else None),
         "tag_token_abs_cos": (float(np.nanmean(r.tag_token_abs))
                               if (~np.isnan(r.tag_token_abs)).any() else None),
-        "ve_by_layer": [float(x) if x == x else None for x in
-                        (np.nanmean(np.where(has, ve, np.nan), axis=(0, 2)) if has.any()
-                         else np.full(n.shape[1], np.nan))],
+        "ve_by_layer": [None if x != x else float(x) for x in layer_mean(np.where(has, ve, np.nan))],
         "ve_zero_by_layer": np.nan_to_num(ve).mean(axis=(0, 2)).tolist(),
         # per prompt, for intervals computed by other chapters (QK-norm, scale)
         "by_prompt": {"sinks_per_head": n.reshape(n.shape[0], -1).mean(1).tolist(),
