@@ -147,6 +147,7 @@ def explorers(page, name: str, screenshots: Path) -> tuple[list[str], int]:
             problems.append(f"{tag}: the attention map is empty (a single colour)")
         if i == 0:
             box.screenshot(path=str(screenshots / f"explorer-{name}.png"))
+        heat.scroll_into_view_if_needed()     # the mouse only reaches what is in the viewport
         r = heat.bounding_box()
         page.mouse.move(r["x"] + 0.3 * r["width"], r["y"] + 0.8 * r["height"])   # below the diagonal
         tip = box.locator(".ctr-explorer-tip")
