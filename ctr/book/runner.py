@@ -293,9 +293,13 @@ def _static(root: Path = ROOT) -> None:
         shutil.copytree(src, dst, dirs_exist_ok=True)
     own = Path(root) / "_build" / "ctr_static"
     own.mkdir(parents=True, exist_ok=True)
+    served = Path(root) / "_build" / "html" / "_static"
     for f in (Path(__file__).parent / "static").iterdir():
         if f.is_file() and (not (own / f.name).exists() or (own / f.name).read_bytes() != f.read_bytes()):
             shutil.copy(f, own / f.name)
+        # Sphinx does not overwrite a file already in _static: drop a stale copy so it is served new
+        if f.is_file() and (served / f.name).exists() and (served / f.name).read_bytes() != f.read_bytes():
+            (served / f.name).unlink()
 
 
 def render(root: Path = ROOT) -> None:
