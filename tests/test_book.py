@@ -516,10 +516,13 @@ def test_chromium_check_catches_a_broken_page(built, tmp_path):
     img = re.search(r'<img[^>]*src="([^"]+)"', text).group(1)
     (p.parent / img).unlink()
     p.write_text(text.replace("</main>", '<div class="output traceback"><pre>Traceback (most '
-                                         'recent call last): boom</pre></div></main>', 1))
+                                         'recent call last): boom</pre></div><div class="cell_output">'
+                                         "<pre>PosixPath('/home/me/results/sinks.json')</pre></div>"
+                                         '</main>', 1))
     with pytest.raises(AssertionError) as e:
         htmlcheck.check(html, ["sinks"], screenshots=tmp_path / "shots")
     assert "did not load" in str(e.value) and "error output shown" in str(e.value)
+    assert "path object is shown" in str(e.value)
 
 
 @pytest.mark.slow

@@ -67,6 +67,9 @@ _PROBE = r"""() => {
   if (main.querySelector('.tag_injected-parameters'))
     errors.push("papermill's injected-parameters cell is shown");
   for (const w of NOISE) if (main.innerText.includes(w)) errors.push('warning shown: ' + w);
+  for (const el of main.querySelectorAll('.cell_output'))   // a cell's last value echoed
+    if (/(Posix|Windows)Path\(/.test(el.innerText))
+      errors.push('a path object is shown (end the cell with an assignment): ' + el.innerText.slice(0, 120));
   const code = [];                            // code a reader sees without opening a toggle
   for (const el of main.querySelectorAll('.cell_input'))
     if (el.getClientRects().length > 0) code.push(el.innerText.trim().slice(0, 300));

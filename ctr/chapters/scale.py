@@ -74,7 +74,10 @@ def figure(rungs: list[dict], paper: dict):
 
     pts = paper_points(paper)
     x = np.array([r["parameters"] / 1e9 for r in rungs])
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
+    every_x = list(x) + [p[1] for v in pts.values() for p in v]
+    xlim = (min(every_x) / 1.6, max(every_x) * 1.6)     # one x-axis for all four panels
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    axes = axes.ravel()
     panels = [("sinks per head", "sinks_per_head", "sinks_per_head"),
               ("mean VE (paper-like)", "ve_zero", "ve"),
               ("cities theta_tag %, paper's protocol", "theta_tag", "theta_tag"),
@@ -94,6 +97,7 @@ def figure(rungs: list[dict], paper: dict):
             ax.scatter([p[1] for p in pts[pkey]], [p[2] for p in pts[pkey]], marker="s",
                        color="#999999", label="the paper's models")
         ax.set_xscale("log")
+        ax.set_xlim(*xlim)
         ax.set_xlabel("parameters (billions)")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
