@@ -561,3 +561,18 @@ def test_an_unwritable_results_dir_fails_before_any_kernel_starts(tmp_path):
     (root / "book" / "executed").write_text("a file where the executed notebooks should go")
     with pytest.raises(book.BookError, match="cannot write results"):
         book.resolve("sinks", {}, root=root)
+
+
+def test_changed_static_files_are_served_even_when_no_page_is_rebuilt(tmp_path):
+    # Sphinx neither overwrites a file in _build/html/_static nor copies anything when no page
+    # is out of date, so the runner must put a changed explorer script or stylesheet there.
+    from ctr.book import runner
+    (tmp_path / "_build" / "mathjax").mkdir(parents=True)
+    (tmp_path / "_build" / "mathjax" / "MathJax.js").write_text("")   # skip the MathJax copy
+    served = tmp_path / "_build" / "html" / "_static"
+    served.mkdir(parents=True)
+    (served / "ctr-book.css").write_text("/* an old stylesheet */")
+    runner._static(tmp_path)
+    src = Path(runner.__file__).parent / "static"
+    for f in src.iterdir():
+        assert (served / f.name).read_bytes() == f.read_bytes()

@@ -295,11 +295,15 @@ def _static(root: Path = ROOT) -> None:
     own.mkdir(parents=True, exist_ok=True)
     served = Path(root) / "_build" / "html" / "_static"
     for f in (Path(__file__).parent / "static").iterdir():
-        if f.is_file() and (not (own / f.name).exists() or (own / f.name).read_bytes() != f.read_bytes()):
+        if not f.is_file():
+            continue
+        if not (own / f.name).exists() or (own / f.name).read_bytes() != f.read_bytes():
             shutil.copy(f, own / f.name)
-        # Sphinx does not overwrite a file already in _static: drop a stale copy so it is served new
-        if f.is_file() and (served / f.name).exists() and (served / f.name).read_bytes() != f.read_bytes():
-            (served / f.name).unlink()
+        # Sphinx never overwrites a file already in _static, and copies nothing when no page is
+        # out of date: put the current file there ourselves
+        if served.is_dir() and (not (served / f.name).exists()
+                                or (served / f.name).read_bytes() != f.read_bytes()):
+            shutil.copy(f, served / f.name)
 
 
 def render(root: Path = ROOT) -> None:
