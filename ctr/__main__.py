@@ -68,9 +68,7 @@ def main(argv=None) -> int:
             from . import definitions as D
             D.check_eps(args.eps)
             D.check_min_queries(args.min_queries)
-            if args.max_tokens is not None and args.max_tokens < 2:
-                raise PromptError(f"--max-tokens {args.max_tokens} must be >= 2: a sink score "
-                                  "needs a key and at least one later query")
+            D.check_max_tokens(args.max_tokens)
         return {"inspect": _inspect, "models": _models}[args.cmd](args)
     except (ModelError, PromptError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -42,6 +42,13 @@ def check_eps(eps) -> None:
                              "(the paper's is 0.2)")
 
 
+def check_max_tokens(max_tokens) -> None:
+    """None (no truncation) or a whole number >= 2: a sink score needs a key and a later query."""
+    if max_tokens is not None and (int(max_tokens) != max_tokens or max_tokens < 2):
+        raise ValueError(f"max_tokens={max_tokens} must be a whole number >= 2: a sink score "
+                         "needs a key and at least one later query")
+
+
 def check_min_queries(min_queries) -> None:
     if int(min_queries) != min_queries or min_queries < 1:
         raise ValueError(f"min_queries={min_queries} must be a whole number >= 1 (1 = no tail "

@@ -28,6 +28,7 @@ import torch
 
 from . import arch as _arch
 from . import gguf as _gguf
+from .definitions import check_max_tokens
 
 
 # --- registry ------------------------------------------------------------------------------
@@ -262,9 +263,10 @@ class Model:
         texts = list(texts)
         if not texts:
             raise PromptError("no prompts given: pass at least one non-empty string")
-        if max_tokens is not None and (int(max_tokens) != max_tokens or max_tokens < 2):
-            raise PromptError(f"max_tokens={max_tokens} must be a whole number >= 2: a sink score "
-                              "needs a key and at least one later query")
+        try:
+            check_max_tokens(max_tokens)
+        except ValueError as e:
+            raise PromptError(str(e)) from None
         seqs = []
         for i, t in enumerate(texts):
             ids = self.ids(t)

@@ -153,10 +153,7 @@ def _check_values(name: str, params: dict) -> None:
             D.check_eps(params["eps_sweep"])
         if params.get("min_queries") is not None:
             D.check_min_queries(params["min_queries"])
-        mt = params.get("max_tokens")
-        if mt is not None and (int(mt) != mt or mt < 2):
-            raise ValueError(f"max_tokens={mt} must be a whole number >= 2: a sink score needs a "
-                             "key and at least one later query")
+        D.check_max_tokens(params.get("max_tokens"))
         if "results_dir" in params:
             check_dir(params["results_dir"])
     except (ValueError, TypeError, OSError) as e:
