@@ -9,8 +9,15 @@ A verdict is a rule applied to a measurement with its interval:
 - **not reproduced**: the whole interval lies where the claim is false;
 - **not testable here**: nothing here can measure it (no such head, no such model, too few pairs).
 
-Each chapter states its rules in prose, implements them as functions that return one of these
-words, and tests each function on fabricated results for every outcome it can return.
+The rules are the pre-registered ones of ``RULES.md`` (a copy of the project's rules file, at the
+repository root; the scorecard names the commit it applied). Each chapter implements its rules as
+functions that return one of these words, and tests each function on fabricated results and on
+its real measurement code run on a constructed case, for every outcome it can return.
+
+The General part of RULES.md lives here: ``parts`` (two-part claims), ``combine`` (across
+models), ``by_bootstrap`` (the 20-prompt floor), and the row format, whose optional fields carry
+the settings, the raw and Holm-adjusted p, the parts of a claim, and the "alternative reading,
+not pre-registered" mark.
 """
 from __future__ import annotations
 
@@ -24,6 +31,13 @@ UNTESTABLE = "not testable here"
 VERDICTS = (REPRODUCED, COMPATIBLE, PARTLY, NOT, UNTESTABLE)
 
 COLUMNS = ("id", "model", "claim", "paper", "ours", "interval", "rule", "verdict")
+# Optional fields of a row (RULES.md, General): the eps / min_queries it was measured with; the
+# choice the paper leaves open that the verdict depends on; raw and Holm-adjusted p; the parts'
+# verdicts of a two-part claim; a note (e.g. the constant-value-tag flag); whether the row is
+# the pre-registered rule or an alternative reading of ours.
+EXTRAS = ("settings", "choice", "p_raw", "p_adj", "parts", "note", "reading")
+PREREGISTERED = "pre-registered"
+ALTERNATIVE = "alternative reading, not pre-registered"
 
 
 def check(v: str) -> str:
@@ -50,13 +64,45 @@ def by_interval(lo: float | None, hi: float | None, low: float = -math.inf,
     return COMPATIBLE
 
 
-def all_of(*parts: str) -> str:
-    """A claim made of several parts, each with its own verdict (same rule as `combine`)."""
-    return combine(parts)
+def by_bootstrap(lo: float | None, hi: float | None, n_units: int, low: float = -math.inf,
+                 high: float = math.inf, min_units: int = 20) -> str:
+    """``by_interval`` on a bootstrap interval over prompts: fewer than ``min_units`` (20)
+    contributing prompts is not testable here (RULES.md, Intervals)."""
+    if n_units < min_units:
+        return UNTESTABLE
+    return by_interval(lo, hi, low, high)
+
+
+def parts(*verdicts: str) -> str:
+    """A claim with several parts ("A and B"), each judged by its own rule (RULES.md, General):
+    any part not testable -> not testable here; all reproduced -> reproduced; some not
+    reproduced and the rest reproduced -> partly; not reproduced beside a compatible part, or all
+    not reproduced -> not reproduced; otherwise compatible (underpowered). A part that is itself
+    "partly" makes the claim partly (unless a part is not testable)."""
+    vs = [check(v) for v in verdicts]
+    if not vs or UNTESTABLE in vs:
+        return UNTESTABLE
+    if all(v == REPRODUCED for v in vs):
+        return REPRODUCED
+    if NOT in vs:
+        if COMPATIBLE in vs or all(v == NOT for v in vs):
+            return NOT
+        return PARTLY
+    if PARTLY in vs:
+        return PARTLY
+    return COMPATIBLE
+
+
+def all_of(*verdicts: str) -> str:
+    """Alias of ``parts``: a claim made of several parts."""
+    return parts(*verdicts)
 
 
 def combine(verdicts) -> str:
-    """One claim over several models: the models that could test it decide."""
+    """One claim over several models (RULES.md, Across models): reproduced (not reproduced) when
+    every model that could test it says so; not testable here when none could; partly when the
+    models disagree (one reproduced and another not, or a model's own verdict is partly);
+    compatible (underpowered) otherwise (every other mix with an underpowered model)."""
     vs = [check(v) for v in verdicts]
     tested = [v for v in vs if v != UNTESTABLE]
     if not tested:
@@ -65,9 +111,14 @@ def combine(verdicts) -> str:
         return REPRODUCED
     if all(v == NOT for v in tested):
         return NOT
-    if all(v in (REPRODUCED, COMPATIBLE) for v in tested):
-        return COMPATIBLE
-    return PARTLY
+    if PARTLY in tested or (REPRODUCED in tested and NOT in tested):
+        return PARTLY
+    return COMPATIBLE
+
+
+def agree(verdicts, overall: str) -> int:
+    """How many models' own verdicts equal the claim's overall verdict."""
+    return sum(1 for v in verdicts if v == overall)
 
 
 def interval(lo, hi, fmt: str = "{:.2f}", what: str = "95% CI") -> str:
@@ -77,7 +128,23 @@ def interval(lo, hi, fmt: str = "{:.2f}", what: str = "95% CI") -> str:
 
 
 def row(id: str, model: str, claim: str, paper: str, ours: str, interval: str, rule: str,
-        verdict: str) -> dict:
-    """One line of a chapter's paper / ours / verdict table (and of the scorecard)."""
+        verdict: str, **extras) -> dict:
+    """One line of a chapter's paper / ours / verdict table (and of the scorecard).
+
+    ``extras`` (all optional, see ``EXTRAS``): settings="eps 0.2, min_queries 16", choice=...,
+    p_raw=..., p_adj=..., parts={"in range": verdict, ...}, note=..., and
+    reading=ALTERNATIVE for a row that is our reading, not the pre-registered rule (its id must
+    end in "_alt" so the scorecard never merges it with the rule's row)."""
+    unknown = set(extras) - set(EXTRAS)
+    if unknown:
+        raise ValueError(f"unknown row fields {sorted(unknown)}; use {', '.join(EXTRAS)}")
+    reading = extras.pop("reading", PREREGISTERED)
+    if reading not in (PREREGISTERED, ALTERNATIVE):
+        raise ValueError(f"reading must be {PREREGISTERED!r} or {ALTERNATIVE!r}")
+    if (reading == ALTERNATIVE) != id.endswith("_alt"):
+        raise ValueError(f"row {id!r}: an alternative reading's id ends in '_alt', and only its")
+    if "parts" in extras:
+        extras["parts"] = {k: check(v) for k, v in extras["parts"].items()}
     return {"id": id, "model": model, "claim": claim, "paper": paper, "ours": ours,
-            "interval": interval, "rule": rule, "verdict": check(verdict)}
+            "interval": interval, "rule": rule, "verdict": check(verdict), "reading": reading,
+            **extras}

@@ -27,11 +27,16 @@ def test_by_interval_returns_every_outcome():
 
 def test_all_of_and_combine():
     R, C, P, N, U = V.REPRODUCED, V.COMPATIBLE, V.PARTLY, V.NOT, V.UNTESTABLE
+    # Two-part claims (RULES.md, General): a part not testable makes the claim not testable.
     assert V.all_of(R, R) == R and V.all_of(N, N) == N and V.all_of(R, N) == P
-    assert V.all_of(R, C) == C and V.all_of(C, N) == P and V.all_of(U, U) == U
-    assert V.all_of(R, U) == R
+    assert V.all_of(R, C) == C and V.all_of(C, N) == N and V.all_of(U, U) == U
+    assert V.all_of(R, U) == U and V.all_of(C, C) == C and V.all_of(P, R) == P
+    # Across models: the models that could test it decide; R beside N is a disagreement.
     assert V.combine([R, R, U]) == R and V.combine([N, N]) == N and V.combine([R, N]) == P
     assert V.combine([C, R]) == C and V.combine([U]) == U and V.combine([P, R]) == P
+    assert V.combine([C, N]) == C and V.combine([C, C, U]) == C
+    assert V.agree([R, C, U], V.combine([R, C, U])) == 1
+    assert V.by_bootstrap(0.1, 0.2, 19, low=0.0) == U and V.by_bootstrap(0.1, 0.2, 20, low=0.0) == R
     with pytest.raises(ValueError, match="unknown verdict"):
         V.combine(["sort of"])
 
