@@ -334,13 +334,30 @@ def wrap(name: str, hf, tok, prepend_bos: bool | None = None) -> Model:
                  bos_reason=reason)
 
 
-def load(name: str, *, attn_implementation: str = "eager", dtype=torch.float32,
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def as_dtype(dtype) -> torch.dtype:
+    """A chapter's ``dtype`` parameter ("float32", "bfloat16", "float16" or a torch dtype)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load(name: str, *, device: str = "cpu", dtype="float32", attn_implementation: str = "eager",
          device_map=None, prepend_bos: bool | None = None, **hf_kwargs) -> Model:
     """Load a model by name: an embedded one, a tiny test model, a HF id or a local directory.
 
-    ``device_map`` (e.g. "auto") and ``dtype`` are passed to transformers for GPU runs;
-    ``prepend_bos`` overrides the BOS policy (None: follow the tokenizer).
+    ``device`` ("cpu", "cuda", "cuda:1", or "auto" for ``device_map="auto"`` across the GPUs
+    there are) and ``dtype`` ("float32", "bfloat16", "float16") are what every chapter takes as
+    parameters; ``device_map`` may also be given directly. ``prepend_bos`` overrides the BOS
+    policy (None: follow the tokenizer).
     """
+    dtype = as_dtype(dtype)
+    if device_map is None and device != "cpu":
+        device_map = "auto" if device == "auto" else device
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -351,6 +368,7 @@ def load(name: str, *, attn_implementation: str = "eager", dtype=torch.float32,
     if name in TINY:
         from . import tiny
         hf = tiny.planted() if name == "tiny-planted-llama" else tiny.model(name.split("-", 2)[2])
+        hf = hf.to(dtype=dtype, device=device if device != "auto" else "cpu")
         return wrap(name, hf, tiny.tokenizer(), prepend_bos)
     if name in EMBEDDED:
         src = cache_dir() / "models" / name
