@@ -141,6 +141,24 @@ def attention_call(attn_envoy) -> str:
     return max(names, key=lambda n: int(_CALL.match(n).group(1)))
 
 
+def post_attention_norm(layer: torch.nn.Module, attn: str) -> str | None:
+    """The norm a decoder layer applies to the attention output before adding it to the residual
+    stream (Gemma-2/3's and OLMo-2's ``post_attention_layernorm``), read from the layer's
+    ``forward`` source: a ``hidden_states = self.<norm>(hidden_states)`` between the attention
+    call and the first ``residual +``. None for pre-norm layers (Llama's
+    ``post_attention_layernorm`` is the MLP's input norm and comes after the residual add)."""
+    try:
+        src = inspect.getsource(type(layer).forward)
+    except (OSError, TypeError):
+        return None
+    i = src.find(f"self.{attn.split('.')[-1]}(")
+    j = src.find("residual +", i) if i >= 0 else -1
+    if i < 0 or j < 0:
+        return None
+    found = re.findall(r"hidden_states\s*=\s*self\.(\w+)\(hidden_states\)", src[i:j])
+    return found[0] if found else None
+
+
 def refuse_by_config(config) -> None:
     """Refuse, from the config alone, what cannot work whatever the modules look like."""
     mt = getattr(config, "model_type", "?")

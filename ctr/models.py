@@ -238,6 +238,23 @@ class Model:
         # GPT-2's Conv1D stores the transpose of nn.Linear's weight.
         return w.T if type(mod).__name__ == "Conv1D" else w
 
+    def post_attn_scale(self, layer: int) -> torch.Tensor | None:
+        """The per-dimension scale (d_model,) of the norm applied to the attention output before
+        the residual add (Gemma-3's post-attention RMSNorm: 1 + weight), or None where the layer
+        adds W_O's output as it is. An RMSNorm of a vector with RMS 1 is its scale alone, so the
+        scale is the norm applied to a vector of ones (in float32); a per-token normalisation
+        does not change a cosine, so tags compared in the residual stream need only this."""
+        a = _arch.arch_of(self.config)
+        block = _arch.getpath(self.hf, a.layers)[layer]
+        name = _arch.post_attention_norm(block, a.attn)
+        if name is None:
+            return None
+        norm = getattr(block, name)
+        p = next(norm.parameters())
+        ones = torch.ones(1, self.d_model, dtype=p.dtype, device=p.device)
+        with torch.no_grad():
+            return norm(ones)[0].float().cpu()
+
     def info(self) -> dict:
         return {"model": self.name, "architecture": self.architecture, "layers": self.n_layers,
                 "query heads": self.n_heads, "kv heads": self.n_kv_heads, "head dim": self.head_dim,

@@ -123,3 +123,27 @@ def test_layer_list_is_the_decoders_not_another_list_of_the_same_length():
     hf = tiny.model("llama")
     hf.extra = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])   # a decoy
     assert arch.arch_of(wrap(hf).config).layers == "model.layers"
+
+
+@pytest.mark.parametrize("name,has_norm", [("llama", False), ("qwen2", False), ("gemma3", True),
+                                           ("gemma2", True), ("olmo2", True)])
+def test_post_attention_scale_is_the_norm_between_w_o_and_the_residual(name, has_norm):
+    """The norm found is the one whose input is the attention output (hooks on a forward pass),
+    and its effect on any vector is that vector times post_attn_scale, up to a per-token factor."""
+    hf = tiny.model(name)
+    m = models.wrap(f"tiny-random-{name}", hf, tiny.tokenizer())
+    scale = m.post_attn_scale(0)
+    assert (scale is not None) == has_norm
+    if not has_norm:
+        return
+    block = hf.model.layers[0]
+    norm = getattr(block, arch.post_attention_norm(block, "self_attn"))
+    seen = {}
+    h1 = block.self_attn.register_forward_hook(lambda mod, i, o: seen.update(attn=o[0]))
+    h2 = norm.register_forward_hook(lambda mod, i, o: seen.update(norm_in=i[0]))
+    hf(torch.tensor([[1, 2, 3, 4, 5]]))
+    h1.remove(), h2.remove()
+    assert torch.equal(seen["attn"], seen["norm_in"])
+    y = torch.randn(4, m.d_model)
+    cos = torch.nn.functional.cosine_similarity(norm(y), y * scale, dim=-1)
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
