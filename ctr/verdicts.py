@@ -34,8 +34,9 @@ COLUMNS = ("id", "model", "claim", "paper", "ours", "interval", "rule", "verdict
 # Optional fields of a row (RULES.md, General): the eps / min_queries it was measured with; the
 # choice the paper leaves open that the verdict depends on; raw and Holm-adjusted p; the parts'
 # verdicts of a two-part claim; a note (e.g. the constant-value-tag flag); whether the row is
-# the pre-registered rule or an alternative reading of ours.
-EXTRAS = ("settings", "choice", "p_raw", "p_adj", "parts", "note", "reading")
+# the pre-registered rule or an alternative reading of ours; a headline (the decisive number
+# with its interval in one short line, for the front page's table).
+EXTRAS = ("settings", "choice", "p_raw", "p_adj", "parts", "note", "reading", "headline")
 PREREGISTERED = "pre-registered"
 ALTERNATIVE = "alternative reading, not pre-registered"
 
@@ -131,7 +132,8 @@ def row(id: str, model: str, claim: str, paper: str, ours: str, interval: str, r
         verdict: str, **extras) -> dict:
     """One line of a chapter's paper / ours / verdict table (and of the scorecard).
 
-    ``extras`` (all optional, see ``EXTRAS``): settings="eps 0.2, min_queries 16", choice=...,
+    ``extras`` (all optional, see ``EXTRAS``): headline="gain +0.12 [+0.08, +0.15]",
+    settings="eps 0.2, min_queries 16", choice=...,
     p_raw=..., p_adj=..., parts={"in range": verdict, ...}, note=..., and
     reading=ALTERNATIVE for a row that is our reading, not the pre-registered rule (its id must
     end in "_alt" so the scorecard never merges it with the rule's row)."""
