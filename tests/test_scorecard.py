@@ -73,9 +73,59 @@ def test_expected_verdicts(fabricated):
     assert t.verdict.to_dict() == {"all": V.REPRODUCED, "mixed": V.PARTLY, "none": V.NOT,
                                    "weak": V.COMPATIBLE, "half": V.PARTLY,
                                    "offline": V.UNTESTABLE, "some": V.REPRODUCED}
-    assert t.loc["mixed", "ours"] == "m1: x; m2: x"
-    assert t.loc["offline", "ours"] == "x"
-    assert t.loc["all", "rule"] == "rule" and "95% CI" in t.loc["all", "interval"]
+    assert [m["model"] for m in t.loc["mixed", "per_model"]] == ["m1", "m2"]
+    assert t.loc["all", "rule"] == "rule" and "95% CI" in t.loc["all", "per_model"][0]["interval"]
+    # how many of the models that ran agree with the claim's verdict
+    assert (t.loc["all", "agree"], t.loc["all", "models"]) == (2, 2)
+    assert (t.loc["weak", "agree"], t.loc["mixed", "agree"], t.loc["some", "agree"]) == (1, 0, 1)
+    assert scorecard.counts(t) == {V.REPRODUCED: 2, V.COMPATIBLE: 1, V.PARTLY: 2, V.NOT: 1,
+                                   V.UNTESTABLE: 1}
+
+
+def test_alternative_readings_stay_apart_and_are_not_counted(tmp_path):
+    alt = V.row("all_alt", "m1", "claim all, read otherwise", "p", "x", "-", "ours", V.NOT,
+                reading=V.ALTERNATIVE)
+    write(tmp_path, "a", [row("all", "m1", V.REPRODUCED), alt])
+    t = scorecard.table(tmp_path, chapters=("a",))
+    a = scorecard.alternatives(tmp_path, chapters=("a",))
+    assert list(t.id) == ["all"] and list(a.id) == ["all_alt"]
+    assert a.reading.iloc[0] == V.ALTERNATIVE and scorecard.counts(t)[V.NOT] == 0
+
+
+def test_non_default_parameters_flag_every_row_of_that_chapter(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({
+        "claims": [row("x", "m1", V.REPRODUCED)],
+        "params": {"n_prompts": 4, "eps": 0.2, "results_dir": "/else", "smoke": False}}))
+    t = scorecard.table(tmp_path, ("a",), defaults={"a": {"n_prompts": 24, "eps": 0.2,
+                                                          "results_dir": "r", "smoke": False}})
+    assert t.nondefault.iloc[0] == {"n_prompts": 4}
+    h = scorecard.to_html(t)
+    assert "non-default parameters" in h and "n_prompts=4" in h and "make book" in h
+    assert scorecard.table(tmp_path, ("a",)).nondefault.iloc[0] == {}     # no defaults given
+
+
+def test_export_writes_every_claim_and_model_as_csv_and_json(fabricated, tmp_path):
+    import pandas as pd
+
+    t = scorecard.table(fabricated, chapters=("a", "b"))
+    out = scorecard.export(tmp_path / "out", {"paper": t}, "abc123 (sha256 x)")
+    df = pd.read_csv(out["csv"])
+    assert len(df) == 12 and set(df.id) == set(t.id)
+    assert set(df.columns) >= {"id", "model", "ours", "interval", "rule", "model_verdict",
+                               "claim_verdict", "p_raw", "p_adj"}
+    js = json.loads(out["json"].read_text())
+    assert js["rules_commit"] == "abc123 (sha256 x)" and len(js["rows"]) == 12
+    assert "4-bit" in js["scope"]
+
+
+def test_verdict_map_has_one_row_per_claim_and_a_column_per_model(fabricated):
+    import matplotlib
+    matplotlib.use("Agg")
+    t = scorecard.table(fabricated, chapters=("a", "b"))
+    fig = scorecard.verdict_map(t)
+    ax = fig.axes[0]
+    assert len(ax.get_yticks()) == len(t) and [x.get_text() for x in ax.get_xticklabels()] == \
+        ["m1", "m2", "-", "claim"]
 
 
 def test_missing_results_file_fails_loudly(fabricated):
@@ -98,13 +148,17 @@ def test_results_without_claims_columns_or_with_unknown_verdicts_fail(tmp_path):
         scorecard.table(tmp_path, chapters=("c",))
 
 
-def test_html_links_each_chapter_and_shows_rules(fabricated):
-    h = scorecard.to_html(scorecard.table(fabricated, chapters=("a", "b")))
+def test_html_links_each_chapter_and_folds_the_rule(fabricated):
+    t = scorecard.table(fabricated, chapters=("a", "b"))
+    h = scorecard.to_html(t)
     assert h.count("<tr>") == 8 and "href='a.html'" in h and "href='b.html'" in h
-    assert "<th>rule</th>" in h and "95% CI [0, 1]" in h
+    assert h.count("<details>") == 7 and "<b>Rule</b>" in h and "95% CI [0, 1]" in h
+    assert "2 of 2 agree" in h
+    front = scorecard.to_html(t, details=False)
+    assert "<details>" not in front and "m1: x<br>m2: x" in front
 
 
 def test_claims_beyond_the_paper_read_supported(fabricated):
     h = scorecard.to_html(scorecard.table(fabricated, chapters=("a",)), words=scorecard.BEYOND_WORDS)
-    assert "<b>supported</b>" in h and "<b>not supported</b>" in h and "<b>reproduced</b>" not in h
-    assert "m2: not supported" in h and "m1: supported" in h
+    assert ">supported</span>" in h and ">not supported</span>" in h
+    assert ">reproduced</span>" not in h and ">not reproduced</span>" not in h

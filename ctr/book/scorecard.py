@@ -1,21 +1,26 @@
-"""The scorecard: every claim, the paper's number, ours, the rule, the interval and the verdict.
+"""The scorecard: every claim, the paper's number, ours, the pre-registered rule and the verdict.
 
-Each chapter closes with a table of claim rows (``ctr.verdicts.row``: id, model, claim, paper,
-ours, interval, rule, verdict), decided by rule functions in that chapter's module and saved as
-``claims`` in its results file. The scorecard only gathers the rows and combines the per-model
-verdicts of a claim with ``ctr.verdicts.combine``:
+Each chapter closes with claim rows (``ctr.verdicts.row``), decided by rule functions in its
+modules that apply ``RULES.md`` as written, and saves them as ``claims`` in its results file.
+The scorecard only gathers them:
 
-- reproduced when every model that could test the claim reproduced it;
-- not reproduced when none did;
-- compatible (underpowered) when every tested model is reproduced or compatible;
-- partly otherwise (mixed across models, or partly in a chapter);
-- not testable here when no model could test it.
+- one line per claim (chapter, id) of the pre-registered rows, its verdict over the models by
+  ``ctr.verdicts.combine`` (RULES.md, "Across models") and how many models agree with it;
+- the rows marked "alternative reading, not pre-registered" apart, never merged into a claim's
+  verdict nor counted;
+- the claims of the chapters beyond the paper (``BEYOND``) in a section of their own, read as
+  supported / not supported;
+- a flag on every row whose chapter ran with parameters other than its defaults;
+- ``export``: the same as CSV and JSON for readers who want the numbers, not the page.
 
-Claims of the chapters that go beyond the paper (``BEYOND``) are listed in a section of their own.
+``to_html`` draws the compact table (one line per claim; per-model details fold open);
+``verdict_map`` the figure of the front page.
 """
 from __future__ import annotations
 
 import html
+import json
+from pathlib import Path
 
 import pandas as pd
 
@@ -28,11 +33,32 @@ VERDICTS = V.VERDICTS
 TITLES = {"sinks": "Sinks", "variance": "Variance", "probes": "Semantic probes",
           "taxonomy": "Reasoning taxonomy", "qknorm": "QK-norm", "toy_theory": "Toy theory",
           "toy_multihead": "Multi-head toy", "release": "Release, tested"}
+SCOPE = ("Scope of every interval: the prompts (or training seeds) of the named model only. "
+         "No interval covers the choice of model, its size, or the 4-bit quantisation of the "
+         "embedded weights; each claim says how many of the models that ran agree with it.")
+
+COLOURS = {V.REPRODUCED: "#d9f0d3", V.COMPATIBLE: "#e6f0fa", V.PARTLY: "#fee8c8",
+           V.NOT: "#fcd5d5", V.UNTESTABLE: "#e5e5e5"}
+# A claim the book adds is not "reproduced": it is supported (or not) by our own experiment.
+BEYOND_WORDS = {V.REPRODUCED: "supported", V.NOT: "not supported"}
+
+OPTIONAL = ("reading", "headline", "settings", "choice", "p_raw", "p_adj", "parts", "note")
 
 
-def collect(results_dir, chapters=CHAPTERS) -> pd.DataFrame:
+def _nondefault(chapter: str, saved: dict, given: dict | None) -> dict:
+    """The parameters a chapter's results were made with that differ from its notebook's
+    defaults (``given``: the defaults, e.g. from the runner; None: nothing is flagged)."""
+    if not given:
+        return {}
+    ran = saved.get("params") or {}
+    return {k: ran[k] for k in ran if k in given and ran[k] != given[k]
+            and k not in ("results_dir", "smoke")}
+
+
+def collect(results_dir, chapters=CHAPTERS, defaults: dict | None = None) -> pd.DataFrame:
     """All chapters' claim rows. A missing results file, a file without claims, a row without
-    one of the columns or with an unknown verdict is an error naming the chapter."""
+    one of the columns or with an unknown verdict is an error naming the chapter.
+    ``defaults``: {chapter: its default parameters}, to flag runs with other parameters."""
     rows = []
     for ch in chapters:
         res = results.load(ch, results_dir)          # raises MissingResults, naming the chapter
@@ -40,66 +66,217 @@ def collect(results_dir, chapters=CHAPTERS) -> pd.DataFrame:
         if not claims:
             raise ValueError(f"results file of chapter {ch!r} has no 'claims' rows; rerun it "
                              f"(make chapter NAME={ch})")
+        flag = _nondefault(ch, res, (defaults or {}).get(ch))
         for c in claims:
             missing = set(V.COLUMNS) - set(c)
             if missing:
                 raise ValueError(f"chapter {ch!r}: a claim row lacks {sorted(missing)}; rerun it "
                                  f"(make chapter NAME={ch})")
             V.check(c["verdict"])
-            rows.append({"chapter": ch, **{k: c[k] for k in V.COLUMNS}})
-    return pd.DataFrame(rows, columns=["chapter", *V.COLUMNS])
+            extra = {k: c.get(k) for k in OPTIONAL}
+            extra["reading"] = extra["reading"] or V.PREREGISTERED
+            rows.append({"chapter": ch, **{k: c[k] for k in V.COLUMNS}, **extra,
+                         "nondefault": flag})
+    return pd.DataFrame(rows, columns=["chapter", *V.COLUMNS, *OPTIONAL, "nondefault"])
 
 
-def _per_model(g, key) -> str:
-    return "; ".join(f"{m}: {x}" if m not in ("-", "") else str(x) for m, x in zip(g.model, g[key]))
+def _headline(r) -> str:
+    """One short line for a model's result: the row's headline, else the start of 'ours'."""
+    if isinstance(r.get("headline"), str) and r["headline"]:
+        return r["headline"]
+    first = str(r["ours"]).split(";")[0].strip()
+    return first if len(first) <= 70 else first[:67].rstrip() + "..."
 
 
-def table(results_dir, chapters=CHAPTERS) -> pd.DataFrame:
-    """One row per claim: claim, paper, ours / interval / verdict per model, rule, verdict."""
-    rows = collect(results_dir, chapters)
+def _claims(rows: pd.DataFrame) -> pd.DataFrame:
     out = []
     for (ch, cid), g in rows.groupby(["chapter", "id"], sort=False):
+        per = g.to_dict(orient="records")
+        overall = V.combine(g.verdict)
+        flags = {}
+        for r in per:
+            flags.update(r["nondefault"] or {})
         out.append({
             "chapter": ch, "id": cid, "claim": g.claim.iloc[0], "paper": str(g.paper.iloc[0]),
-            "ours": _per_model(g, "ours"), "interval": _per_model(g, "interval"),
-            "rule": g.rule.iloc[0],
-            "per model": "; ".join(f"{m}: {v}" for m, v in zip(g.model, g.verdict)),
-            "verdict": V.combine(g.verdict)})
-    return pd.DataFrame(out, columns=["chapter", "id", "claim", "paper", "ours", "interval",
-                                      "rule", "per model", "verdict"])
+            "rule": g.rule.iloc[0], "reading": g.reading.iloc[0], "verdict": overall,
+            "agree": V.agree(g.verdict, overall), "models": len(g),
+            "per_model": [{"model": r["model"], "verdict": r["verdict"], "ours": r["ours"],
+                           "headline": _headline(r), "interval": r["interval"],
+                           **{k: r[k] for k in ("settings", "choice", "p_raw", "p_adj", "parts",
+                                                "note") if r[k] is not None}}
+                          for r in per],
+            "nondefault": flags})
+    return pd.DataFrame(out, columns=["chapter", "id", "claim", "paper", "rule", "reading",
+                                      "verdict", "agree", "models", "per_model", "nondefault"])
 
 
-COLOURS = {V.REPRODUCED: "#d9f0d3", V.COMPATIBLE: "#e6f0fa", V.PARTLY: "#fee8c8",
-           V.NOT: "#fcd5d5", V.UNTESTABLE: "#e5e5e5"}
+def table(results_dir, chapters=CHAPTERS, defaults: dict | None = None) -> pd.DataFrame:
+    """One row per pre-registered claim: claim, paper, rule, verdict over the models, how many
+    models agree, the per-model details, and the parameters that differ from the defaults."""
+    rows = collect(results_dir, chapters, defaults)
+    return _claims(rows[rows.reading == V.PREREGISTERED])
 
 
-# A claim the book adds is not "reproduced": it is supported (or not) by our own experiment.
-BEYOND_WORDS = {V.REPRODUCED: "supported", V.NOT: "not supported"}
+def alternatives(results_dir, chapters=CHAPTERS, defaults: dict | None = None) -> pd.DataFrame:
+    """The rows marked "alternative reading, not pre-registered", one per (chapter, id)."""
+    rows = collect(results_dir, chapters, defaults)
+    return _claims(rows[rows.reading == V.ALTERNATIVE])
 
 
-def to_html(t: pd.DataFrame, rule: bool = True, words: dict | None = None) -> str:
-    """The table as HTML with a link to each chapter (pages sit side by side in the book);
-    ``words``: how a verdict is shown (``BEYOND_WORDS`` for claims beyond the paper)."""
-    words = words or {}
-    cols = ["claim", "paper", "ours (95% interval)", *(["rule"] if rule else []), "verdict",
-            "chapter"]
-    head = "".join(f"<th>{h}</th>" for h in cols)
+def counts(card: pd.DataFrame) -> dict:
+    """How many claims got each verdict (every verdict of the vocabulary, zeros included)."""
+    c = card.verdict.value_counts()
+    return {v: int(c.get(v, 0)) for v in VERDICTS}
+
+
+# --- HTML -----------------------------------------------------------------------------------------
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _word(v: str, words: dict | None) -> str:
+    return (words or {}).get(v, v)
+
+
+def badge(verdict: str, words: dict | None = None) -> str:
+    return (f"<span class='ctr-badge' style='background:{COLOURS[verdict]}'>"
+            f"{_e(_word(verdict, words))}</span>")
+
+
+def _pfmt(p) -> str:
+    return "-" if p is None else (f"{p:.2g}" if p < 0.01 else f"{p:.3f}")
+
+
+def _details(r, words) -> str:
+    """The folded part of a claim: per model the full result, interval, p-values, parts,
+    settings and notes; then the pre-registered rule's words."""
+    items = []
+    for m in r.per_model:
+        bits = [f"<b>{_e(m['model'])}</b>: {badge(m['verdict'], words)} {_e(m['ours'])}"]
+        if str(m["interval"]).strip("-; "):
+            bits.append(f"interval: {_e(m['interval'])}")
+        if "p_raw" in m or "p_adj" in m:
+            bits.append(f"p raw {_pfmt(m.get('p_raw'))}, Holm-adjusted {_pfmt(m.get('p_adj'))}")
+        if m.get("parts"):
+            bits.append("parts: " + "; ".join(f"{_e(k)}: {_e(_word(v, words))}"
+                                              for k, v in m["parts"].items()))
+        for k in ("settings", "choice", "note"):
+            if m.get(k):
+                bits.append(f"{k}: {_e(m[k])}")
+        items.append("<li>" + "<br>".join(bits) + "</li>")
+    flag = ""
+    if r.nondefault:
+        flag = ("<p class='ctr-nondefault'>Run with non-default parameters: "
+                + _e(", ".join(f"{k}={v}" for k, v in r.nondefault.items()))
+                + " (<code>make book</code> restores the defaults).</p>")
+    return (f"<details><summary>details and rule</summary>{flag}<ul>{''.join(items)}</ul>"
+            f"<p><b>Rule</b> ({_e(r.reading)}): {_e(r.rule)}</p></details>")
+
+
+def to_html(card: pd.DataFrame, words: dict | None = None, details: bool = True,
+            link: str = "{chapter}.html") -> str:
+    """The compact table: claim, the paper's number, ours per model (one line each), the verdict
+    and how many models agree, the chapter. With ``details`` each claim's full per-model
+    results and its rule fold open under it (the scorecard); without, the front page's table."""
+    head = "".join(f"<th>{h}</th>" for h in
+                   ("claim", "paper", "ours, per model", "verdict", "chapter"))
     body = []
-    for _, r in t.iterrows():
-        ours = html.escape(r.ours) + ("<br><small>" + html.escape(r.interval) + "</small>"
-                                      if r.interval.strip("-; ") else "")
+    for r in card.itertuples():
+        ours = "<br>".join(f"{_e(m['model'])}: {_e(m['headline'])}" for m in r.per_model)
+        flag = " <span class='ctr-nondefault' title='non-default parameters'>&#9888;</span>" \
+            if r.nondefault else ""
+        claim = _e(r.claim) + flag + (_details(r, words) if details else "")
         body.append(
-            f"<tr><td>{html.escape(r.claim)}</td><td>{html.escape(r.paper)}</td><td>{ours}</td>"
-            + (f"<td><small>{html.escape(r.rule)}</small></td>" if rule else "")
-            + f"<td style='background:{COLOURS[r.verdict]}' title='{html.escape(r['per model'])}'>"
-            f"<b>{words.get(r.verdict, r.verdict)}</b><br><small>"
-            f"{html.escape(_reword(r['per model'], words))}</small></td>"
-            f"<td><a href='{r.chapter}.html'>{TITLES.get(r.chapter, r.chapter)}</a></td></tr>")
-    return (f"<table class='table scorecard'><thead><tr>{head}</tr></thead><tbody>"
+            f"<tr><td>{claim}</td><td>{_e(r.paper)}</td><td>{ours}</td>"
+            f"<td>{badge(r.verdict, words)}<br><small>{r.agree} of {r.models} agree</small></td>"
+            f"<td><a href='{link.format(chapter=r.chapter)}'>{_e(TITLES.get(r.chapter, r.chapter))}"
+            f"</a></td></tr>")
+    return (f"<table class='table ctr-scorecard'><thead><tr>{head}</tr></thead><tbody>"
             f"{''.join(body)}</tbody></table>")
 
 
-def _reword(text: str, words: dict) -> str:
-    for v in sorted(words, key=len, reverse=True):      # "not reproduced" before "reproduced"
-        text = text.replace(f": {v}", f": {words[v]}")
-    return text
+# --- files -----------------------------------------------------------------------------------------
+
+def records(card: pd.DataFrame, section: str) -> list[dict]:
+    """Flat rows (one per claim and model) for CSV / JSON."""
+    out = []
+    for r in card.itertuples():
+        for m in r.per_model:
+            out.append({"section": section, "chapter": r.chapter, "id": r.id, "claim": r.claim,
+                        "paper": r.paper, "model": m["model"], "ours": m["ours"],
+                        "headline": m["headline"], "interval": m["interval"],
+                        "p_raw": m.get("p_raw"), "p_adj": m.get("p_adj"),
+                        "settings": m.get("settings"), "model_verdict": m["verdict"],
+                        "claim_verdict": r.verdict, "agree": r.agree, "models": r.models,
+                        "reading": r.reading, "rule": r.rule,
+                        "nondefault": json.dumps(r.nondefault) if r.nondefault else ""})
+    return out
+
+
+def export(out_dir, sections: dict, rules_commit: str) -> dict:
+    """Write ``scorecard.csv`` and ``scorecard.json`` (every claim x model: ids, numbers,
+    intervals, p-values, rules, verdicts) into ``out_dir``; ``sections``: {name: card}.
+    Returns the two paths."""
+    out_dir = Path(out_dir)
+    flat = [x for name, card in sections.items() for x in records(card, name)]
+    csv = out_dir / "scorecard.csv"
+    js = out_dir / "scorecard.json"
+    results.write_atomic(csv, pd.DataFrame(flat).to_csv(index=False))
+    results.write_atomic(js, json.dumps({"rules_commit": rules_commit, "scope": SCOPE,
+                                         "rows": results._clean(flat)}, indent=1))
+    return {"csv": csv, "json": js}
+
+
+# --- the verdict map --------------------------------------------------------------------------------
+
+SHORT = {V.REPRODUCED: "R", V.COMPATIBLE: "C", V.PARTLY: "P", V.NOT: "N", V.UNTESTABLE: "-"}
+
+
+def verdict_map(card: pd.DataFrame, words: dict | None = None, ax=None):
+    """One row per claim, one column per model and one for the claim's verdict, coloured by
+    verdict, grouped by chapter (matplotlib). Returns the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+    from matplotlib.patches import Patch
+
+    models = []
+    for r in card.itertuples():
+        for m in r.per_model:
+            if m["model"] not in models:
+                models.append(m["model"])
+    cols = models + ["claim"]
+    n = len(card)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7.0, 0.8 + 0.24 * n))
+    fig = ax.figure
+    grid = [[(1, 1, 1)] * len(cols) for _ in range(n)]
+    text = [[""] * len(cols) for _ in range(n)]
+    for i, r in enumerate(card.itertuples()):
+        have = {m["model"]: m["verdict"] for m in r.per_model}
+        for j, mo in enumerate(models):
+            if mo in have:
+                grid[i][j], text[i][j] = to_rgb(COLOURS[have[mo]]), SHORT[have[mo]]
+        grid[i][-1], text[i][-1] = to_rgb(COLOURS[r.verdict]), SHORT[r.verdict]
+    ax.imshow(grid, aspect="auto", interpolation="nearest")
+    for i in range(n):
+        for j in range(len(cols)):
+            ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7)
+    labels = [f"{r.claim[:55]}{'...' if len(r.claim) > 55 else ''}" for r in card.itertuples()]
+    ax.set_yticks(range(n), labels, fontsize=7)
+    ax.set_xticks(range(len(cols)), cols, fontsize=8, rotation=20, ha="right")
+    ax.xaxis.tick_top()
+    ax.axvline(len(models) - 0.5, color="black", lw=1.2)
+    prev = None
+    for i, ch in enumerate(card.chapter):
+        if ch != prev:
+            if prev is not None:
+                ax.axhline(i - 0.5, color="black", lw=1.0)
+            ax.text(len(cols) - 0.4, i - 0.45, TITLES.get(ch, ch), fontsize=7, va="top",
+                    ha="left", style="italic")
+            prev = ch
+    ax.set_xlim(-0.5, len(cols) - 0.5)
+    ax.legend(handles=[Patch(color=COLOURS[v], label=_word(v, words)) for v in VERDICTS],
+              loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
