@@ -162,3 +162,21 @@ def test_claims_beyond_the_paper_read_supported(fabricated):
     h = scorecard.to_html(scorecard.table(fabricated, chapters=("a",)), words=scorecard.BEYOND_WORDS)
     assert ">supported</span>" in h and ">not supported</span>" in h
     assert ">reproduced</span>" not in h and ">not reproduced</span>" not in h
+
+
+def test_front_page_summary_counts_come_from_the_scorecard(fabricated):
+    from ctr.book import front
+
+    t = scorecard.table(fabricated, chapters=("a", "b"))
+    (fabricated / "timings.json").write_text(json.dumps({
+        "a": {"seconds": 90.0, "params": {}, "finished": "x", "smoke": False},
+        "b": {"seconds": 30.0, "params": {}, "finished": "x", "smoke": False},
+        "index": {"seconds": 999.0, "params": {}, "finished": "x", "smoke": False}}))
+    s = front.summary(t, t.iloc[:1], fabricated)
+    assert s["n_claims"] == "7" and s["n_chapters"] == "2" and s["n_beyond"] == "1"
+    assert s["counts"] == ("2 reproduced, 1 compatible (underpowered), 2 partly, "
+                           "1 not reproduced, 1 not testable here")
+    assert s["by_chapter"].startswith("a 1 reproduced, 1 compatible (underpowered), 1 partly")
+    assert s["beyond_counts"] == "1 supported" and s["models"] == "m1, m2"
+    assert s["chapter_minutes"] == "2.0"            # the index page's own time is not counted
+    assert "sha256" in s["rules_commit"]
