@@ -151,11 +151,11 @@ def test_results_without_claims_columns_or_with_unknown_verdicts_fail(tmp_path):
 def test_html_links_each_chapter_and_folds_the_rule(fabricated):
     t = scorecard.table(fabricated, chapters=("a", "b"))
     h = scorecard.to_html(t)
-    assert h.count("<tr>") == 8 and "href='a.html'" in h and "href='b.html'" in h
+    assert h.count("<tr>") == 8 and h.count("<tr class='ctr-chapter'>") == 2 and "href='a.html'" in h and "href='b.html'" in h
     assert h.count("<details>") == 7 and "<b>Rule</b>" in h and "95% CI [0, 1]" in h
-    assert "2 of 2 agree" in h
+    assert "2 of 2 models agree" in h
     front = scorecard.to_html(t, details=False)
-    assert "<details>" not in front and "m1: x<br>m2: x" in front
+    assert "<details>" not in front and "m1: x<br>" in front
 
 
 def test_claims_beyond_the_paper_read_supported(fabricated):

@@ -37,6 +37,7 @@ SCOPE = ("Scope of every interval: the prompts (or training seeds) of the named 
          "No interval covers the choice of model, its size, or the 4-bit quantisation of the "
          "embedded weights; each claim says how many of the models that ran agree with it.")
 
+SHORT = {V.REPRODUCED: "R", V.COMPATIBLE: "C", V.PARTLY: "P", V.NOT: "N", V.UNTESTABLE: "-"}
 COLOURS = {V.REPRODUCED: "#d9f0d3", V.COMPATIBLE: "#e6f0fa", V.PARTLY: "#fee8c8",
            V.NOT: "#fcd5d5", V.UNTESTABLE: "#e5e5e5"}
 # A claim the book adds is not "reproduced": it is supported (or not) by our own experiment.
@@ -176,22 +177,29 @@ def _details(r, words) -> str:
 
 def to_html(card: pd.DataFrame, words: dict | None = None, details: bool = True,
             link: str = "{chapter}.html") -> str:
-    """The compact table: claim, the paper's number, ours per model (one line each), the verdict
-    and how many models agree, the chapter. With ``details`` each claim's full per-model
+    """The compact table, grouped by chapter (a heading row links the chapter): claim, the
+    paper's number, ours per model (one line each, led by that model's verdict letter), the
+    claim's verdict and how many models agree. With ``details`` each claim's full per-model
     results and its rule fold open under it (the scorecard); without, the front page's table."""
-    head = "".join(f"<th>{h}</th>" for h in
-                   ("claim", "paper", "ours, per model", "verdict", "chapter"))
-    body = []
+    head = "".join(f"<th>{h}</th>" for h in ("claim", "paper", "ours, per model", "verdict"))
+    body, prev = [], None
     for r in card.itertuples():
-        ours = "<br>".join(f"{_e(m['model'])}: {_e(m['headline'])}" for m in r.per_model)
+        if r.chapter != prev:
+            body.append(f"<tr class='ctr-chapter'><td colspan='4'><a href='"
+                        f"{link.format(chapter=r.chapter)}'>{_e(TITLES.get(r.chapter, r.chapter))}"
+                        "</a></td></tr>")
+            prev = r.chapter
+        ours = "<br>".join(
+            f"<span class='ctr-dot' style='background:{COLOURS[m['verdict']]}' "
+            f"title='{_e(_word(m['verdict'], words))}'>{SHORT[m['verdict']]}</span> "
+            f"{_e(m['model'])}: {_e(m['headline'])}" for m in r.per_model)
         flag = " <span class='ctr-nondefault' title='non-default parameters'>&#9888;</span>" \
             if r.nondefault else ""
         claim = _e(r.claim) + flag + (_details(r, words) if details else "")
         body.append(
             f"<tr><td>{claim}</td><td>{_e(r.paper)}</td><td>{ours}</td>"
-            f"<td>{badge(r.verdict, words)}<br><small>{r.agree} of {r.models} agree</small></td>"
-            f"<td><a href='{link.format(chapter=r.chapter)}'>{_e(TITLES.get(r.chapter, r.chapter))}"
-            f"</a></td></tr>")
+            f"<td>{badge(r.verdict, words)}<br><small>{r.agree} of {r.models} "
+            f"{'model agrees' if r.models == 1 else 'models agree'}</small></td></tr>")
     return (f"<table class='table ctr-scorecard'><thead><tr>{head}</tr></thead><tbody>"
             f"{''.join(body)}</tbody></table>")
 
@@ -229,9 +237,6 @@ def export(out_dir, sections: dict, rules_commit: str) -> dict:
 
 
 # --- the verdict map --------------------------------------------------------------------------------
-
-SHORT = {V.REPRODUCED: "R", V.COMPATIBLE: "C", V.PARTLY: "P", V.NOT: "N", V.UNTESTABLE: "-"}
-
 
 def verdict_map(card: pd.DataFrame, words: dict | None = None, ax=None):
     """One row per claim, one column per model and one for the claim's verdict, coloured by
