@@ -87,6 +87,7 @@ def pc3_silhouette(X, labels: np.ndarray, k: int = N_PC) -> float:
     """Silhouette of ``labels`` on the first ``k`` principal components of the rows of X (the
     PCA fitted on these rows alone). NaN with fewer than two groups or a group of one."""
     from sklearn.metrics import silhouette_score
+    from threadpoolctl import threadpool_limits
 
     labels = np.asarray(labels)
     groups, counts = np.unique(labels, return_counts=True)
@@ -94,8 +95,11 @@ def pc3_silhouette(X, labels: np.ndarray, k: int = N_PC) -> float:
         return float("nan")
     X = np.asarray(X, np.float64)
     X = X - X.mean(0)
-    _, _, Vt = np.linalg.svd(X, full_matrices=False)
-    return float(silhouette_score(X @ Vt[:k].T, labels))
+    # One BLAS thread: a multi-threaded SVD of a 100 x 600 matrix beside torch's own threads
+    # was measured 300 times slower on a busy 2-core machine.
+    with threadpool_limits(1, user_api="blas"):
+        _, _, Vt = np.linalg.svd(X, full_matrices=False)
+        return float(silhouette_score(X @ Vt[:k].T, labels))
 
 
 def case_tokens(A: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
