@@ -380,3 +380,25 @@ def test_run_and_summary_on_the_tiny_model(tiny):
               "candidates", "heads_seen", "silhouette_input", "silhouette_output",
               "silhouette_deeper", "silhouette_last", "cluster_gain", "persist"):
         assert k in s
+
+
+def test_the_head_shown_is_the_strongest_with_two_groups_and_the_pair_has_own_sinks():
+    strong = np.arange(P + 1, T) % 3 != 0          # 2 of 3 tokens to p: a larger alpha_p
+    pair = {(0, 0): two_sink(), (3, 2): two_sink(p=20, to_p=np.arange(21, T) % 2 == 0)}
+    alone = {(1, 1): two_sink(to_p=strong)}
+    only_p = np.arange(P + 1, T) < T - 3            # all but 3 tokens to p: skipped, strongest
+    thin = {(2, 0): two_sink(to_p=only_p)}
+    scans = [SM.measure_prompt(i, prompt(i, heads=h), L, 0.2, MQ)
+             for i, h in enumerate((pair, alone, thin))]
+    alpha_p = {i: max(h.alphas[1] for h in s.heads if h.p) for i, s in enumerate(scans)}
+    assert alpha_p[2] > alpha_p[1] > alpha_p[0]
+    s = sinks.pick(scans)
+    # the strongest whose case is not skipped; it has no partner, so the pair comes from prompt 0
+    assert (s.main.prompt, s.main.layer, s.main.head, s.main.qualifies) == (1, 1, 1, True)
+    assert [(x.prompt, x.layer, x.head) for x in s.pair] == [(0, 0, 0), (0, 3, 2)] or \
+        [(x.prompt, x.layer, x.head) for x in s.pair] == [(0, 3, 2), (0, 0, 0)]
+    assert s.other_disjoint and s.heads_with_mid_sink == 2 and s.candidates == 4
+    s = sinks.pick(scans[:1])                       # the head shown has a partner: its pair
+    assert (s.main.layer, s.main.head) == (s.pair[0].layer, s.pair[0].head)
+    s = sinks.pick(scans[1:2])                      # no pair anywhere
+    assert s.pair == [] and s.other is None and not s.other_disjoint

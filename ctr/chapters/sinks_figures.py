@@ -63,12 +63,16 @@ GAINS = (("clusters", "gain", ("clusters", "gain"),
 
 
 def gains(found: dict, margin: float = 0.05):
-    """Per model (rows): every case's silhouette gain (3 PCs), its mean and 95% interval over
-    prompts (black), the book's margin (dashed) and 0 (grey)."""
-    fig, axes = plt.subplots(len(found), 1, figsize=(9, 2.9 * len(found)), squeeze=False)
+    """Per model with a case (rows): every case's silhouette gain (3 PCs), its mean and 95%
+    interval over prompts (black), the book's margin (dashed) and 0 (grey)."""
+    fs = list(found.values())
+    fig, axes = plt.subplots(len(fs), 1, figsize=(9, 2.9 * len(fs)), squeeze=False)
     rng = np.random.default_rng(0)
-    for ax, f in zip(axes[:, 0], found.values()):
+    for ax, f in zip(axes[:, 0], fs):
         cases = (f.cases or {}).get("cases", {})
+        if not cases.get("clusters"):
+            _empty(ax, f"{f.model}: no two-sink head, no case")
+            continue
         for i, (kind, key, (sec, agg), _) in enumerate(GAINS):
             x = np.array([c[key] for c in cases.get(kind, []) if c.get(key) is not None])
             if not len(x):
@@ -90,17 +94,25 @@ def gains(found: dict, margin: float = 0.05):
     return fig
 
 
+def _empty(ax, text: str):
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=10)
+    ax.set_axis_off()
+
+
 def two_heads(found: dict):
-    """Per model with a second head (rows): the chosen head and the second head, side by side."""
-    fs = [f for f in found.values() if f.search.other is not None]
-    fig = plt.figure(figsize=(11, 5.8 * len(fs)))
-    gs = fig.add_gridspec(len(fs), 2, wspace=0.25, hspace=0.35)
+    """Per model (rows): the two heads of its pair, side by side, on the pair's prompt."""
+    fs = list(found.values())
+    fig = plt.figure(figsize=(11, sum(5.8 if f.pair else 1.0 for f in fs)))
+    gs = fig.add_gridspec(len(fs), 2, wspace=0.25, hspace=0.35,
+                          height_ratios=[5.8 if f.pair else 1.0 for f in fs])
     for r, f in enumerate(fs):
-        tok = f.cap.tokens
-        for c, (A, a, pk) in enumerate(((f.cap.A, f.alpha, f.search.main),
-                                        (f.cap.A_other, f.alpha_other, f.search.other))):
+        if not f.pair:
+            _empty(fig.add_subplot(gs[r, :]), f"{f.model}: no two heads with a mid-prompt sink")
+            continue
+        tok = f.pair["tokens"]
+        for c, (A, a, pk) in enumerate(zip(f.pair["A"], f.pair["alpha"], f.search.pair)):
             plots.attention_map(A, tok, a, pk.sinks, eps=f.eps, fig=fig, spec=gs[r, c],
-                                title=f"{_name(f, pk)}: sinks "
+                                title=f"{_name(f, pk)}, prompt {pk.prompt}: sinks "
                                       + ", ".join(f"{plots.short(tok[t])}@{t}" for t in pk.sinks))
     return fig
 

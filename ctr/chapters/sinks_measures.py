@@ -31,6 +31,7 @@ layer and the last layer arrive.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -87,7 +88,6 @@ def pc3_silhouette(X, labels: np.ndarray, k: int = N_PC) -> float:
     """Silhouette of ``labels`` on the first ``k`` principal components of the rows of X (the
     PCA fitted on these rows alone). NaN with fewer than two groups or a group of one."""
     from sklearn.metrics import silhouette_score
-    from threadpoolctl import threadpool_limits
 
     labels = np.asarray(labels)
     groups, counts = np.unique(labels, return_counts=True)
@@ -97,9 +97,17 @@ def pc3_silhouette(X, labels: np.ndarray, k: int = N_PC) -> float:
     X = X - X.mean(0)
     # One BLAS thread: a multi-threaded SVD of a 100 x 600 matrix beside torch's own threads
     # was measured 300 times slower on a busy 2-core machine.
-    with threadpool_limits(1, user_api="blas"):
+    with _blas().limit(limits=1, user_api="blas"):
         _, _, Vt = np.linalg.svd(X, full_matrices=False)
         return float(silhouette_score(X @ Vt[:k].T, labels))
+
+
+@lru_cache(maxsize=1)
+def _blas():
+    """The BLAS libraries' thread controller, found once (finding them takes milliseconds)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def case_tokens(A: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:

@@ -71,7 +71,11 @@ def _ci(m: dict, what: str) -> str:
 
 
 def _cases(m: dict) -> str:
-    return f"{m['n_cases']} cases in {m['n_prompts']} prompts"
+    text = f"{m['n_cases']} cases in {m['n_prompts']} prompts"
+    if m["n_prompts"] < stats.MIN_UNITS:
+        text += (f" (fewer than the {stats.MIN_UNITS} contributing prompts a bootstrap "
+                 "interval needs: not testable, RULES.md General)")
+    return text
 
 
 def settings(params: dict) -> str:
@@ -144,6 +148,10 @@ def cases_text(name: str, a: dict) -> str:
     along-the-write-direction d; means with 95% intervals over prompts."""
     c, p = a["clusters"], a["persist"]
     cp, pp, d = c["profile"], p["profile"], p["along_tags_profile"]
+    if not c["cases"]:
+        return (f"**{name}.** No head has sinks exactly the first token and a mid-prompt "
+                f"token in any of the {a['two_sinks']['prompts']} prompts: there is no case "
+                "to measure.")
     return (f"**{name}.** Two-sink heads (clusters): {c['cases']} cases, {c['skipped']} "
             f"skipped; mean silhouette {mean_text(cp['in'])} entering the layer, "
             f"{mean_text(cp['out'])} in the output, {mean_text(cp['deeper'])} 3 layers "
