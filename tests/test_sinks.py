@@ -194,7 +194,8 @@ def test_two_sinks_reproduced_on_a_planted_case():
 
 def test_two_sinks_not_reproduced_on_a_planted_case():
     # BOS only; a second sink before the window (p = 2); three sinks (a tail sink, no guard)
-    a = measured(2, heads={(0, 0): bos_only(), (1, 0): two_sink(p=2, to_p=np.arange(3, T) % 2 == 0)})
+    early = two_sink(p=2, to_p=np.arange(3, T) % 2 == 0)
+    a = measured(2, heads={(0, 0): bos_only(), (1, 0): early})
     assert SV.rule_two_sinks(a["two_sinks"]["pairs"]) == V.NOT
     layers = prompt(0, heads={(0, 0): two_sink(tail=0.9)})
     no_guard = SM.measure_prompt(0, layers, L, 0.2, min_queries=1)
@@ -284,8 +285,9 @@ def test_persist_measures_deeper_and_last_layer_where_they_are():
     s = SM.measure_prompt(0, layers, L, 0.2, MQ)
     case = s.persist[0]
     t, lab = SM.case_tokens(np.stack([layers[0].A[0].numpy(), layers[0].A[1].numpy()]), P)
-    assert case["sil_deeper"] == pytest.approx(SM.pc3_silhouette(layers[3].resid_out[t].numpy(), lab))
-    assert case["sil_last"] == pytest.approx(SM.pc3_silhouette(layers[L - 1].resid_out[t].numpy(), lab))
+    sil = lambda l: SM.pc3_silhouette(layers[l].resid_out[t].numpy(), lab)  # noqa: E731
+    assert case["sil_deeper"] == pytest.approx(sil(3))
+    assert case["sil_last"] == pytest.approx(sil(L - 1))
     assert case["heads"] == [0, 1] and case["persist_gain"] == case["sil_deeper"] - case["sil_in"]
 
 

@@ -66,7 +66,9 @@ def gains(found: dict, margin: float = 0.05):
     """Per model with a case (rows): every case's silhouette gain (3 PCs), its mean and 95%
     interval over prompts (black), the book's margin (dashed) and 0 (grey)."""
     fs = list(found.values())
-    fig, axes = plt.subplots(len(fs), 1, figsize=(9, 2.9 * len(fs)), squeeze=False)
+    h = [2.9 if f.cases and f.cases["clusters"]["cases"] else 0.6 for f in fs]
+    fig, axes = plt.subplots(len(fs), 1, figsize=(9, sum(h)), squeeze=False,
+                             gridspec_kw={"height_ratios": h})
     rng = np.random.default_rng(0)
     for ax, f in zip(axes[:, 0], fs):
         cases = (f.cases or {}).get("cases", {})

@@ -113,8 +113,9 @@ def claims(name: str, r: dict, params: dict) -> list[dict]:
             f"no case ({c['cases']} two-sink heads, {c['skipped']} skipped)",
             _ci(cg, "mean gain"), rule_clusters(cg)),
         row("persist", "the clusters persist deeper", "yes (Fig. 2)",
-            (f"mean gain {_f(pg['mean'])} over {_cases(pg)} with at least 2 two-sink heads: "
-             f"silhouette {_f(pp['in']['mean'], '{:.3f}')} entering the layer, "
+            (f"(prompt, layer) cases with at least 2 two-sink heads at one p: mean gain "
+             f"{_f(pg['mean'])} over {_cases(pg)}; silhouette "
+             f"{_f(pp['in']['mean'], '{:.3f}')} entering the layer, "
              f"{_f(pp['deeper']['mean'], '{:.3f}')} 3 layers deeper, "
              f"{_f(pp['last']['mean'], '{:.3f}')} at the last layer") if pg["n_cases"] else
             f"no (prompt, layer) case with at least 2 two-sink heads at one p "
