@@ -1,31 +1,33 @@
-"""Find, by code, one head that shows catch-tag-release clearly, and measure what it did.
+"""The sinks chapter (paper Sec. 3, Fig. 1-2): every case measured, one head shown.
 
-The rule (stated in the sinks chapter): over the candidate prompts and every head, keep heads
-whose sinks are exactly BOS (position 0) and one more token p in the middle of the prompt
-(max(4, T/10) <= p < 2T/3: not the first words, and early enough that many later tokens can be
-caught by it); pick the head whose second sink is strongest (largest alpha_p). If no head
-qualifies, fall back to the head with the largest non-BOS score and say that it is below eps.
+``scan`` runs every prompt through the model, one layer at a time (``ctr.extract.layers``),
+and hands each layer to ``sinks_measures.PromptScan``, which finds the two-sink heads (sinks
+exactly the first token and one mid-prompt token p) and measures every case the rules judge.
 
-The second head, for "each head picks its own sinks", is a head of the same prompt with a
-non-BOS sink: one whose non-BOS sinks are all different from the first head's if there is one
-(the strongest such), else the one whose caught tokens overlap least with the first head's.
-A head's *caught tokens* are the non-sink tokens that attend most to one of its non-BOS sinks.
+The figures show one head, chosen by code (``pick``): the two-sink head whose second sink is
+strongest (largest alpha_p) among those whose case is not skipped (at least 5 tokens in each
+group; any two-sink head if none); if no head has two sinks, the head with the largest
+mid-prompt score, said to be below eps. ``capture`` re-runs its prompt and keeps its arrays.
+The two-heads figure shows a *pair*: that head and the strongest head of its prompt whose
+mid-prompt sinks are all different from its own; if there is none, the strongest such pair of
+any prompt; if there is none either, the shown head and the strongest head of its prompt
+that shares a mid-prompt sink (``pair_attention`` re-runs the pair's prompt).
 
-``run`` loads a model, searches, captures the chosen head and measures it; ``summary`` is what
-the results file keeps; ``replay`` rebuilds the figures from a saved summary (front page).
-The measures and the verdict rules are in ``sinks_verdicts``, the figures in ``sinks_figures``.
+``run`` loads a model and does all of this; ``summary`` is what the results file keeps;
+``replay`` rebuilds the shown head from a saved summary (the front page).
+Measures: ``sinks_measures``; rules and rows: ``sinks_verdicts``; figures: ``sinks_figures``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .. import definitions as D
 from .. import extract
-from . import sinks_verdicts as SV
 from ..models import Model
+from . import sinks_measures as SM
 
 
 @dataclass
@@ -35,85 +37,106 @@ class Pick:
     head: int
     sinks: list[int]
     alphas: list[float]          # alpha at each sink
-    second: int | None           # the non-BOS position that made the pick (None: BOS only)
+    second: int | None           # the mid-prompt position shown (None: no candidate at all)
     qualifies: bool              # False: fallback, the second position is below eps
-    caught: list[int] = field(default_factory=list)   # tokens attending most to a non-BOS sink
 
 
 @dataclass
 class Search:
     main: Pick
-    other: Pick | None           # None: no other head of the prompt has a non-BOS sink
-    candidates: int              # heads that met the rule
+    pair: list[Pick]             # the two heads of the two-heads figure ([]: no such pair)
+    candidates: int              # (prompt, head) pairs with two sinks
     heads_seen: int
-    heads_with_mid_sink: int = 0  # heads of the chosen prompt with a non-BOS sink
-    other_disjoint: bool = False  # the other head's non-BOS sinks are all different
-    jaccard: float | None = None  # overlap of the two heads' caught tokens
+    heads_with_mid_sink: int = 0  # heads of the pair's prompt with a mid-prompt sink
+    other_disjoint: bool = False  # the pair's mid-prompt sinks are all different
+
+    @property
+    def other(self) -> Pick | None:
+        """The pair's second head."""
+        return self.pair[1] if self.pair else None
 
 
-def caught(A: torch.Tensor, sinks: list[int]) -> list[int]:
-    """Non-sink tokens whose most-attended sink (among ``sinks``, position 0 included) is not
-    the first token."""
-    mid = [s for s in sinks if s != 0]
-    if not mid:
-        return []
-    cols = A[:, sinks]                                           # (T, k)
-    dom = torch.tensor(sinks)[cols.argmax(-1)]
-    T = A.shape[0]
-    return [t for t in range(min(mid) + 1, T) if t not in sinks and int(dom[t]) != 0]
+def writes(model: Model, layer: int) -> torch.Tensor:
+    """(H, d_model, D): what each head adds to the residual stream per unit of its output,
+    W_O's slice, times the post-attention norm's scale where the model has one (Gemma-3)."""
+    H, Dh = model.n_heads, model.head_dim
+    W = model.out_proj(layer).detach().float().cpu().reshape(model.d_model, H, Dh)
+    s = model.post_attn_scale(layer)
+    if s is not None:
+        W = W * s.float().cpu()[:, None, None]
+    return W.permute(1, 0, 2)
 
 
-def jaccard(a: list[int], b: list[int]) -> float:
-    a, b = set(a), set(b)
-    return 1.0 if not (a | b) else len(a & b) / len(a | b)
+def layer_of(model: Model, rec, b: int) -> SM.Layer:
+    """Prompt ``b`` of a streamed ``LayerRecord`` as the measures take it (padding cut)."""
+    r = rec.prompt(b)
+    return SM.Layer(r.layer, r.A[0].float().cpu(), r.head_out[0].transpose(0, 1).float().cpu(),
+                    r.resid_in[0].float().cpu(), r.resid_out[0].float().cpu(), r.window,
+                    r.V[0].float().cpu(), writes(model, r.layer))
 
 
-def search(model: Model, texts: list[str], eps: float = D.EPS, min_queries: int = 16,
-           max_tokens: int = 128) -> Search:
-    batch = model.encode(texts, max_tokens=max_tokens)
-    best, fallback, n_ok, seen = None, None, 0, 0
-    per_prompt: dict[int, list[Pick]] = {}
-    for b in range(len(texts)):
-        one = batch.select([b])
-        T = one.lengths[0]
-        lo, hi = max(4, T // 10), (2 * T) // 3
-        picks = []
-        for rec in extract.layers(model, one):
-            A = rec.A[0].float()                                 # (H, T, T)
-            a = D.alpha(A, rec.window, min_queries)
-            S = D.sinks(a, eps)
-            for h in range(a.shape[0]):
-                seen += 1
-                pos = torch.nonzero(S[h]).flatten().tolist()
-                al = [float(a[h, p]) for p in pos]
-                nb = a[h, lo:hi].nan_to_num(-1.0)
-                q = int(nb.argmax()) + lo if nb.numel() else None
-                second = q if q is not None and q in pos else None
-                pick = Pick(b, rec.layer, h, pos, al, second, False, caught(A[h], pos))
-                picks.append(pick)
-                if pos == [0, q] and q is not None:
-                    n_ok += 1
-                    pick.qualifies = True
-                    if best is None or a[h, q] > best[0]:
-                        best = (float(a[h, q]), pick)
-                elif q is not None and (fallback is None or a[h, q] > fallback[0]):
-                    fallback = (float(a[h, q]), Pick(b, rec.layer, h, pos, al, q, False,
-                                                     caught(A[h], pos)))
-        per_prompt[b] = picks
-    main = best[1] if best else fallback[1]
-    mid = [p for p in per_prompt[main.prompt] if any(s != 0 for s in p.sinks)]
-    others = [p for p in mid if (p.layer, p.head) != (main.layer, main.head)]
-    mine = {s for s in main.sinks if s != 0} | ({main.second} if main.second else set())
-    disjoint = [p for p in others if not ({s for s in p.sinks if s != 0} & mine)]
-    other, jac = None, None
-    if disjoint:
-        other = max(disjoint, key=lambda p: max(al for s, al in zip(p.sinks, p.alphas) if s))
-    elif others:
-        other = min(others, key=lambda p: (jaccard(p.caught, main.caught), p.layer, p.head))
-    if other is not None:
-        other.second = max((s for s in other.sinks if s), key=lambda s: other.alphas[other.sinks.index(s)])
-        jac = jaccard(other.caught, main.caught)
-    return Search(main, other, n_ok, seen, len(mid), bool(disjoint), jac)
+def scan(model: Model, texts: list[str], eps: float = D.EPS, min_queries: int = 16,
+         max_tokens: int = 128, depth: int = 3, batch: int = 8) -> list[SM.PromptScan]:
+    """Every prompt's heads and cases (``sinks_measures.PromptScan``), ``batch`` prompts per
+    forward pass; one layer's records are held at a time."""
+    enc = model.encode(texts, max_tokens=max_tokens)
+    out = []
+    for i in range(0, len(texts), batch):
+        idx = list(range(i, min(i + batch, len(texts))))
+        scans = [SM.PromptScan(j, model.n_layers, eps, min_queries, depth) for j in idx]
+        for rec in extract.layers(model, enc.select(idx)):
+            for b, s in enumerate(scans):
+                s.add(layer_of(model, rec, b))
+        out += scans
+    return out
+
+
+def _pick(h: SM.Head) -> Pick:
+    return Pick(h.prompt, h.layer, h.head, h.sinks, h.alphas, h.p if h.p is not None else h.q,
+                h.p is not None)
+
+
+def _strength(h: SM.Head) -> float:
+    return max(a for s, a in zip(h.sinks, h.alphas) if s in h.mid)
+
+
+def _partners(h: SM.Head, heads: list[SM.Head], disjoint: bool = True) -> list[SM.Head]:
+    """Other heads of h's prompt with mid-prompt sinks, strongest first: those with none of
+    h's mid-prompt sinks (``disjoint``), or those sharing one."""
+    mine = set(h.mid) | ({h.q} if h.q is not None else set())
+    return sorted((o for o in heads if o.prompt == h.prompt and o.mid and o is not h
+                   and bool(set(o.mid) & mine) != disjoint), key=lambda o: -_strength(o))
+
+
+def _second(h: SM.Head) -> Pick:
+    p = _pick(h)
+    p.second = max(h.mid, key=lambda s: h.alphas[h.sinks.index(s)])
+    return p
+
+
+def pick(scans: list[SM.PromptScan]) -> Search:
+    """The head the figures show and the pair of the two-heads figure (module docstring)."""
+    heads = [h for s in scans for h in s.heads]
+    two = [h for h in heads if h.p is not None]
+    some = [h for h in heads if h.q is not None]
+    full = {(c["prompt"], c["layer"], c["heads"][0]) for s in scans for c in s.clusters
+            if not c["skipped"]}
+    shown = [h for h in two if (h.prompt, h.layer, h.head) in full] or two
+    main = (max(shown, key=lambda h: h.alphas[1]) if two else
+            max(some, key=lambda h: h.alpha_q) if some else heads[0])
+    pair, disjoint = [], True
+    if main.mid and _partners(main, heads):
+        pair = [_pick(main), _second(_partners(main, heads)[0])]
+    else:
+        found = [p for p in (SM.disjoint_pair(s.heads) for s in scans) if p]
+        if found:
+            a, b = max(found, key=lambda p: _strength(p[0]))
+            pair = [_second(a), _second(b)]
+        elif main.mid and _partners(main, heads, disjoint=False):
+            pair, disjoint = [_pick(main), _second(_partners(main, heads, False)[0])], False
+    where = pair[0].prompt if pair else main.prompt
+    n_mid = sum(1 for h in heads if h.prompt == where and h.mid)
+    return Search(_pick(main), pair, len(two), len(heads), n_mid, bool(pair) and disjoint)
 
 
 @dataclass
@@ -122,53 +145,49 @@ class Capture:
     A: torch.Tensor            # (T, T) the head's attention
     V: torch.Tensor            # (T, D) its value vectors
     out: torch.Tensor          # (T, D) its outputs
-    resid_in: torch.Tensor     # (T, d_model) residual entering the layer (the head's input)
-    resid_after: torch.Tensor  # (T, d_model) residual leaving the head's layer
+    resid_in: torch.Tensor     # (T, d_model) residual entering the layer (before its norm)
     deeper: torch.Tensor       # (T, d_model) residual leaving layer + ``depth``
+    last: torch.Tensor         # (T, d_model) residual leaving the last layer
     deeper_layer: int
-    W_O: torch.Tensor          # (d_model, D) the head's slice of the output projection
-    A_other: torch.Tensor | None   # (T, T) the second head's attention
+    write: torch.Tensor        # (d_model, D) the head's slice of W_O (times the norm's scale)
     window: int | None
 
 
-def capture(model: Model, text: str, pick: Pick, other: Pick | None, depth: int = 3,
+def capture(model: Model, text: str, pick: Pick, depth: int = 3,
             max_tokens: int = 128) -> Capture:
+    """One forward pass of the shown prompt, keeping the shown head's arrays."""
     batch = model.encode([text], max_tokens=max_tokens)
     deeper_layer = min(pick.layer + depth, model.n_layers - 1)
-    got = {"A_other": None}
-    Dh = model.head_dim
-    last = max(deeper_layer, pick.layer, other.layer if other else 0)
+    got = {}
     for rec in extract.layers(model, batch):
-        if rec.layer == pick.layer:
-            got.update(A=rec.A[0, pick.head].clone(), V=rec.V[0, pick.head].clone(),
-                       out=rec.head_out[0, :, pick.head].clone(), resid_in=rec.resid_in[0].clone(),
-                       resid_after=rec.resid_out[0].clone(), window=rec.window)
-        if other is not None and rec.layer == other.layer:
-            got["A_other"] = rec.A[0, other.head].clone()
-        if rec.layer == deeper_layer:
-            got["deeper"] = rec.resid_out[0].clone()
-        if rec.layer >= last:
-            break
-    W = model.out_proj(pick.layer).detach()[:, pick.head * Dh:(pick.head + 1) * Dh].float()
-    return Capture(batch.tokens[0], deeper_layer=deeper_layer, W_O=W.clone(), **got)
+        r = rec.prompt(0)
+        if r.layer == pick.layer:
+            got.update(A=r.A[0, pick.head].float().cpu().clone(),
+                       V=r.V[0, pick.head].float().cpu().clone(),
+                       out=r.head_out[0, :, pick.head].float().cpu().clone(),
+                       resid_in=r.resid_in[0].float().cpu().clone(), window=r.window)
+        if r.layer == deeper_layer:
+            got["deeper"] = r.resid_out[0].float().cpu().clone()
+        if r.layer == model.n_layers - 1:
+            got["last"] = r.resid_out[0].float().cpu().clone()
+    return Capture(batch.tokens[0], deeper_layer=deeper_layer,
+                   write=writes(model, pick.layer)[pick.head], **got)
 
 
-def dominant_sink(A: torch.Tensor, sinks: list[int]) -> np.ndarray:
-    """For each query token, the sink (among ``sinks``) it gives most attention to."""
-    cols = A[:, sinks]
-    return np.asarray(sinks)[cols.argmax(-1).numpy()]
+def pair_attention(model: Model, text: str, pair: list[Pick], min_queries: int,
+                   max_tokens: int = 128) -> dict:
+    """The attention (T, T) and sink scores (T,) of each head of the pair, on its prompt."""
+    want = {(p.layer, p.head) for p in pair}
+    A = {}
+    for rec in extract.layers(model, model.encode([text], max_tokens=max_tokens)):
+        r = rec.prompt(0)
+        for l, h in want:
+            if l == r.layer:
+                A[l, h] = (r.A[0, h].float().cpu().clone(), r.window)
+    tokens = model.encode([text], max_tokens=max_tokens).tokens[0]
+    return {"tokens": tokens, "A": [A[p.layer, p.head][0] for p in pair],
+            "alpha": [D.alpha(*A[p.layer, p.head], min_queries) for p in pair]}
 
-
-def separation(X: torch.Tensor, labels: np.ndarray) -> float:
-    """Silhouette score of ``labels`` on the rows of X (NaN with fewer than two groups)."""
-    from sklearn.metrics import silhouette_score
-
-    if len(set(labels.tolist())) < 2 or min(np.unique(labels, return_counts=True)[1]) < 2:
-        return float("nan")
-    return float(silhouette_score(np.asarray(X), labels))
-
-
-# --- one model, end to end: what the sinks chapter shows ------------------------------------
 
 @dataclass
 class Found:
@@ -177,93 +196,103 @@ class Found:
     n_heads: int
     search: Search
     cap: Capture
-    alpha: torch.Tensor          # (T,) the chosen head's sink scores
-    alpha_other: torch.Tensor | None   # (T,) the second head's
-    shown: list[int]             # the sinks the figures colour by: BOS and the second sink
-    keep: torch.Tensor           # the tokens in the PCA clouds (all but the shown sinks)
-    labels: np.ndarray           # dominant sink of each kept token
-    silhouette: dict             # input / output / deeper
-    gain: dict                   # silhouette of the output minus the input's, with its interval
-    persist: dict                # separation along the tags before / after / deeper (sinks_verdicts)
+    alpha: torch.Tensor          # (T,) the shown head's sink scores
+    shown: list[int]             # the sinks the figures colour by: 0 and the second position
+    keep: torch.Tensor           # the tokens in the PCA clouds: t > the second position
+    labels: np.ndarray           # the sink each kept token attends to most
+    silhouette: dict             # 3-PC silhouette: input / output / deeper / last
+    gain: float | None           # output minus input (the shown head's own case)
+    persist: dict                # deeper minus input, and Cohen's d along its write direction
     eps: float
+    cases: dict | None = None    # sinks_measures.aggregate: every case, what the rules judge
+    pair: dict | None = None     # pair_attention of the two-heads figure's pair
 
 
-def _found(m, s: Search, cap: Capture, min_queries: int, eps: float, saved: dict | None = None,
-           seed: int = 0) -> Found:
-    """Everything the figures and the verdicts need from one captured head (``saved``: reuse a
-    saved summary's measures instead of recomputing them)."""
+def _found(m, s: Search, cap: Capture, min_queries: int, eps: float,
+           saved: dict | None = None, cases: dict | None = None, pair=None) -> Found:
+    """The shown head's measures, by the same functions as every case (``saved``: a saved
+    summary's values instead)."""
     alpha = D.alpha(cap.A, cap.window, min_queries)
-    alpha_other = (D.alpha(cap.A_other, m.windows[s.other.layer], min_queries)
-                   if s.other is not None else None)
-    shown = [0] + ([s.main.second] if s.main.second is not None else [])
-    # The sinks themselves are left out of the clouds: their residuals carry very large norms
-    # (massive activations) that would dominate every PCA. What remains are the caught tokens.
-    keep = torch.tensor([t for t in range(len(cap.tokens)) if t not in shown])
-    labels = dominant_sink(cap.A[keep], shown)
+    q = s.main.second
+    shown = [0] + ([q] if q is not None else [])
+    t, labels = SM.case_tokens(cap.A[None].numpy(), q if q is not None else 0)
     if saved is not None:
-        sil = {k: saved[f"silhouette_{k}"] for k in ("input", "output", "deeper")}
-        gain, persist = saved["cluster_gain"], saved["persist"]
+        sil = {k: saved.get(f"silhouette_{k}") for k in ("input", "output", "deeper", "last")}
+        gain, persist = saved.get("cluster_gain"), saved.get("persist") or {}
     else:
-        X = {"input": cap.resid_in[keep], "output": cap.out[keep], "deeper": cap.deeper[keep]}
-        sil = {k: separation(x, labels) for k, x in X.items()}
-        gain = SV.cluster_gain(X["input"], X["output"], labels, seed=seed)
-        persist = (SV.persistence(cap, keep, labels, s.main.second, seed=seed)
-                   if s.main.second is not None and len(set(labels.tolist())) > 1 else {})
-    return Found(m.name, m.n_layers, m.n_heads, s, cap, alpha, alpha_other, shown, keep, labels,
-                 sil, gain, persist, eps)
+        X = {"input": cap.resid_in, "output": cap.out, "deeper": cap.deeper, "last": cap.last}
+        sil = {k: SM.pc3_silhouette(x[t].numpy(), labels) for k, x in X.items()}
+        gain = sil["output"] - sil["input"]
+        persist = {"gain": sil["deeper"] - sil["input"]}
+        if q is not None:
+            u = (cap.write @ (cap.V[q] - cap.V[0])).numpy()
+            u = u / (np.linalg.norm(u) or 1.0)
+            persist.update(d_in=SM.along(u, cap.resid_in[t].numpy(), labels, q),
+                           d_deeper=SM.along(u, cap.deeper[t].numpy(), labels, q))
+    return Found(m.name, m.n_layers, m.n_heads, s, cap, alpha, shown, torch.as_tensor(t),
+                 labels, sil, gain, persist, eps, cases, pair)
 
 
 def run(name: str, texts: list[str], eps: float = D.EPS, min_queries: int = 16,
-        max_tokens: int = 128, depth: int = 3, seed: int = 0) -> Found:
-    """Load ``name``, search for the head, capture and measure it, and free the model again."""
+        max_tokens: int = 128, depth: int = 3, seed: int = 0, device: str = "cpu",
+        dtype: str = "float32", batch: int = 8) -> Found:
+    """Load ``name``, measure every case, capture the shown head, and free the model again."""
     import gc
 
     from .. import models as M
 
-    m = M.load(name)
-    s = search(m, texts, eps=eps, min_queries=min_queries, max_tokens=max_tokens)
-    cap = capture(m, texts[s.main.prompt], s.main, s.other, depth=depth, max_tokens=max_tokens)
-    f = _found(m, s, cap, min_queries, eps, seed=seed)
+    m = M.load(name, device=device, dtype=dtype)
+    scans = scan(m, texts, eps=eps, min_queries=min_queries, max_tokens=max_tokens,
+                 depth=depth, batch=batch)
+    s = pick(scans)
+    cap = capture(m, texts[s.main.prompt], s.main, depth=depth, max_tokens=max_tokens)
+    pair = (pair_attention(m, texts[s.pair[0].prompt], s.pair, min_queries, max_tokens)
+            if s.pair else None)
+    f = _found(m, s, cap, min_queries, eps, cases=SM.aggregate(scans, seed=seed), pair=pair)
     del m
     gc.collect()
     return f
 
 
+def _head(p: Pick, tok: list[str]) -> dict:
+    return {"prompt": p.prompt, "layer": p.layer, "head": p.head, "sinks": p.sinks,
+            "sink_tokens": [tok[t] for t in p.sinks]}
+
+
 def summary(f: Found) -> dict:
-    p, o, tok = f.search.main, f.search.other, f.cap.tokens
+    """What the results file keeps for one model (the front page replays the shown head)."""
+    p, tok = f.search.main, f.cap.tokens
     q = p.second
+    pt = f.pair["tokens"] if f.pair else tok
     return {"prompt": p.prompt, "layer": p.layer, "head": p.head, "qualifies": p.qualifies,
             "sinks": p.sinks, "sink_tokens": [tok[t] for t in p.sinks],
             "second_sink": q, "second_token": tok[q] if q is not None else None,
             "alpha_bos": float(f.alpha[0]),
             "alpha_second": float(f.alpha[q]) if q is not None else None,
             "candidates": f.search.candidates, "heads_seen": f.search.heads_seen,
-            "silhouette_input": f.silhouette["input"], "silhouette_output": f.silhouette["output"],
-            "silhouette_deeper": f.silhouette["deeper"], "deeper_layer": f.cap.deeper_layer,
-            "cluster_gain": f.gain, "persist": f.persist,
-            "caught": len(p.caught), "heads_with_mid_sink": f.search.heads_with_mid_sink,
-            "other": None if o is None else {
-                "layer": o.layer, "head": o.head, "sinks": o.sinks,
-                "sink_tokens": [tok[t] for t in o.sinks], "caught": len(o.caught)},
-            "other_disjoint": f.search.other_disjoint, "jaccard": f.search.jaccard}
+            **{f"silhouette_{k}": v for k, v in f.silhouette.items()},
+            "deeper_layer": f.cap.deeper_layer, "cluster_gain": f.gain, "persist": f.persist,
+            "pair": [_head(x, pt) for x in f.search.pair],
+            "other": _head(f.search.other, pt) if f.search.other else None,
+            "heads_with_mid_sink": f.search.heads_with_mid_sink,
+            "other_disjoint": f.search.other_disjoint, "n_layers": f.n_layers,
+            "n_heads": f.n_heads, "all": f.cases}
 
 
 def replay(name: str, saved: dict, texts: list[str], eps: float, min_queries: int,
-           max_tokens: int, depth: int) -> Found:
-    """Rebuild a ``Found`` from the sinks chapter's saved summary (no search: one forward pass)."""
+           max_tokens: int, depth: int, device: str = "cpu", dtype: str = "float32") -> Found:
+    """Rebuild the shown head from the chapter's saved summary (one forward pass, no scan;
+    the two-heads pair is not rebuilt)."""
     import gc
 
     from .. import models as M
 
-    m = M.load(name)
-    pick = Pick(saved["prompt"], saved["layer"], saved["head"], saved["sinks"], [],
-                saved["second_sink"], saved["qualifies"])
-    o = saved["other"]
-    other = None if o is None else Pick(saved["prompt"], o["layer"], o["head"], o["sinks"], [],
-                                        None, False)
-    s = Search(pick, other, saved["candidates"], saved["heads_seen"])
-    cap = capture(m, texts[pick.prompt], pick, other, depth=depth, max_tokens=max_tokens)
-    f = _found(m, s, cap, min_queries, eps, saved=saved)
+    m = M.load(name, device=device, dtype=dtype)
+    pick_ = Pick(saved["prompt"], saved["layer"], saved["head"], saved["sinks"], [],
+                 saved["second_sink"], saved["qualifies"])
+    s = Search(pick_, [], saved["candidates"], saved["heads_seen"])
+    cap = capture(m, texts[pick_.prompt], pick_, depth=depth, max_tokens=max_tokens)
+    f = _found(m, s, cap, min_queries, eps, saved=saved, cases=saved.get("all"))
     del m
     gc.collect()
     return f
