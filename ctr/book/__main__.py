@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("params", nargs="*")
     c.add_argument("--smoke", action="store_true")
     c.add_argument("--no-check", action="store_true")
+    c.add_argument("--no-html", action="store_true", help="run only: no HTML, no check")
     c.add_argument("--wait", action="store_true", help="wait for another run of the book")
     pa = sub.add_parser("params", help="a chapter's parameters")
     pa.add_argument("name")
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
                          force=args.force, keep_going=args.keep_going, wait=args.wait)
         elif args.cmd == "chapter":
             runner.chapter(args.name, runner.parse_params(args.params), smoke=args.smoke,
-                           check=not args.no_check, wait=args.wait)
+                           check=not args.no_check, wait=args.wait, html=not args.no_html)
         elif args.cmd == "params":
             for k, v in runner.parameters(args.name).items():
                 print(f"{k} = {v}")

@@ -1,10 +1,9 @@
 """A chapter's parameters: read from its parameters cell, given as ``key=value``, checked before
 any kernel starts.
 
-Every value is checked against the default the parameters cell declares (its type: an int stays
-an int, a list stays a list of the same kind; its range: a positive default admits positive
-values, a zero one non-negative values; ``None`` only where the parameter's comment mentions
-None), then by the shared checks of ``ctr.definitions`` (eps, min_queries, max_tokens), and
+Every value is checked against the default the parameters cell declares (``values.coerce``: its
+type, an int stays an int, a list stays a list of the same kind; its range from the default's
+sign; ``None`` only where the parameter's comment mentions None), then by the shared checks of ``ctr.definitions`` (eps, min_queries, max_tokens), and
 model names by ``check_model``. Each failure is one line naming the parameter as the user types
 it (``n_prompts=abc``).
 
@@ -50,10 +49,6 @@ def parse_params(items: list[str]) -> dict:
     return out
 
 
-def _allows_none(meta: dict) -> bool:
-    return "None" in (meta.get("help") or "")
-
-
 def check_all(params: dict, dflt: dict, info: dict) -> dict:
     """Every given parameter checked and coerced (see the module docstring)."""
     from .. import definitions as D
@@ -65,7 +60,7 @@ def check_all(params: dict, dflt: dict, info: dict) -> dict:
         elif k == "results_dir":
             out[k] = v
         else:
-            out[k] = coerce(k, v, dflt.get(k), _allows_none(info.get(k, {})))
+            out[k] = coerce(k, v, dflt.get(k), info.get(k, {}).get("help") or "")
     try:
         for k in ("eps", "main_eps", "eps_sweep"):
             if out.get(k) is not None:
@@ -97,8 +92,9 @@ def resolve(name: str, given: dict, smoke: bool = False, root: Path = ROOT) -> d
         raise BookError(f"chapter {name!r} has no parameter {', '.join(unknown)}; its parameters: "
                         + ", ".join(f"{k}={v}" for k, v in known.items() if k != "results_dir"))
     if "results_dir" in given:
-        raise BookError("results_dir is set by the book (book/executed/results); to keep results "
-                        "elsewhere run the notebook with papermill (see the adapt page)")
+        raise BookError(f"chapter {name!r}: results_dir is set by the book (book/executed/"
+                        "results); to keep results elsewhere run the notebook with papermill "
+                        "(see the adapt page)")
     params = {}
     if "results_dir" in known:
         params["results_dir"] = str(paths(root)["results"])

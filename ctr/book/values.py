@@ -52,9 +52,14 @@ def _kind(d) -> str:
             list: "a list like [a,b]", dict: "a mapping like {a: 1}"}.get(type(d), type(d).__name__)
 
 
-def coerce(key: str, v, d, allows_none: bool = False):
+def coerce(key: str, v, d, comment: str = ""):
     """``v`` as the type of the declared default ``d`` (the text of a list or a mapping is
-    parsed, an int given for a float becomes a float); ParamError when it cannot be."""
+    parsed, an int given for a float becomes a float); ParamError when it cannot be.
+
+    Ranges from the default's sign: a positive whole-number default is a count (at least 1,
+    or 0 too when the parameter's ``comment`` says what 0 means, "0: ..."), a positive or zero
+    number admits no negative value. ``None`` only where the comment mentions None."""
+    allows_none = "None" in comment
     if v is None and (d is None or allows_none):
         return None
     if d is None:
@@ -76,17 +81,17 @@ def coerce(key: str, v, d, allows_none: bool = False):
     elif isinstance(d, int):
         if isinstance(v, bool) or not isinstance(v, int):
             raise bad
-        if d > 0 and v < 1:
+        if d > 0 and v < 1 and not (v == 0 and re.search(r"\b0\s*[:=]", comment)):
             raise ParamError(f"{key}={v} must be at least 1 (its default: {key}={d})")
-        if d == 0 and v < 0:
+        if d >= 0 and v < 0:
             raise ParamError(f"{key}={v} must be 0 or more (its default: {key}={d})")
     elif isinstance(d, float):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise bad
         v = float(v)
-        if (d > 0 and not v > 0) or (d == 0 and v < 0):
-            raise ParamError(f"{key}={_shown(v)} must be {'above' if d > 0 else 'at least'} 0 "
-                             f"(its default: {key}={_shown(d)})")
+        if d >= 0 and v < 0:
+            raise ParamError(f"{key}={_shown(v)} must be 0 or more (its default: "
+                             f"{key}={_shown(d)})")
     elif isinstance(d, str):
         if not isinstance(v, str):
             raise bad
@@ -204,6 +209,5 @@ def in_kernel(ns: dict) -> str:
         if k in ("models", "model"):
             ns[k] = check_models(k, ns[k]) if isinstance(ns[k], str) else ns[k]
         else:
-            comment = lines[node.lineno - 1].partition("#")[2]
-            ns[k] = coerce(k, ns[k], d, "None" in comment)
+            ns[k] = coerce(k, ns[k], d, lines[node.lineno - 1].partition("#")[2])
     return str(Path(ns.get("results_dir") or "results").resolve())
