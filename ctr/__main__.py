@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "inspect":      # bad settings and names fail before a model is loaded
             from . import definitions as D
-            from .book.params import check_model
+            from .book.values import check_model
             D.check_eps(args.eps)
             D.check_min_queries(args.min_queries)
             D.check_max_tokens(args.max_tokens)

@@ -309,3 +309,24 @@ def test_changed_static_files_are_served_even_when_no_page_is_rebuilt(tmp_path):
     src = Path(runner.__file__).parent / "static"
     for f in src.iterdir():
         assert (served / f.name).read_bytes() == f.read_bytes()
+
+
+@pytest.mark.slow
+def test_check_fails_on_an_element_wider_than_its_column_and_on_plotting_code_shown(
+        built, tmp_path, capsys):
+    html = tmp_path / "html"
+    shutil.copytree(built[0] / "_build" / "html", html)
+    p = htmlcheck.pages(html, ["explorer_demo"])["explorer_demo"]
+    wide = "tokens = " + ", ".join(f"'t{i}'" for i in range(120))      # one long code line
+    p.write_text(p.read_text().replace("</main>", (
+        '<div class="cell_input"><pre>fig, ax = plt.subplots()\nax.plot(x, y)</pre></div>'
+        f'<div class="cell_output"><pre>{wide}</pre></div></main>'), 1))
+    with pytest.raises(AssertionError) as e:
+        htmlcheck.check(html, ["explorer_demo"], screenshots=tmp_path / "shots", strict=True)
+    assert re.search(r"explorer_demo: wider than its column: pre.* px in .* px\): tokens = 't0'",
+                     str(e.value))
+    assert "explorer_demo: plotting/formatting code shown (tag it hide-input): 'fig, ax" \
+        in str(e.value)
+    capsys.readouterr()
+    htmlcheck.check(html, ["explorer_demo"], screenshots=tmp_path / "shots", strict=False)
+    assert "wider than its column" in capsys.readouterr().out        # a note, not a failure

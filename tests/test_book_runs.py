@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from book_helpers import chapter, mini_book
+from book_helpers import chapter, code, mini_book
 from ctr import book
 from ctr.book import lock
 
@@ -152,3 +152,54 @@ def test_a_stopped_or_killed_run_leaves_no_kernel_files(tmp_path, sig):
     assert not _kernels_of(d)
     assert not list(root.rglob("kernel-ipc-*")) and not (_executed(root) / "results" /
                                                           "slow.json").exists()
+
+
+CHAIN = {
+    "src": chapter('from ctr import results\nresults.save("src", {"n": n}, results_dir)',
+                   params='n = 1\nsmoke = False\nresults_dir = "results"'),
+    "mid": chapter('from ctr import results\nm = results.load("src", results_dir)["n"]\n'
+                   'print(f"mid shows n = {m}")\nresults.save("mid", {"m": m}, results_dir)'),
+    "top": chapter('from ctr import results\nprint("top shows m =", '
+                   'results.load("mid", results_dir)["m"])'),
+    "other": chapter('print("reads nothing")'),
+    "front": chapter('print("the front page")'),
+}
+
+
+def _text(root, name):
+    return (_executed(root) / f"{name}.ipynb").read_text()
+
+
+def _timings_cell(root, name) -> str:
+    import nbformat
+
+    x = nbformat.read(_executed(root) / f"{name}.ipynb", as_version=4)
+    cell, = [c for c in x.cells if c.metadata.get("ctr") == "timings"]
+    return json.dumps(cell.outputs)
+
+
+def test_a_chapter_with_other_parameters_reruns_its_readers_and_says_so(tmp_path, capsys):
+    import nbformat
+
+    root = mini_book(tmp_path, CHAIN)
+    front = nbformat.read(root / "book" / "front.ipynb", as_version=4)
+    front.cells.append(code("pass   # filled from timings.json at every build"))
+    front.cells[-1].metadata["ctr"] = "timings"
+    nbformat.write(front, root / "book" / "front.ipynb")
+    assert set(book.build(root=root, check=False, html=False)) == set(CHAIN)
+    assert "Non-default parameters" not in _text(root, "top")
+    times = book.chapter("src", {"n": 2}, root=root, html=False)
+    assert set(times) == {"src", "mid", "top"}            # and not "other", nor "front"
+    assert "mid shows n = 2" in _text(root, "mid") and "top shows m = 2" in _text(root, "top")
+    for name, line in [("src", "This page was run with `n=2`."),
+                       ("mid", "It shows results of the *src* chapter, run with `n=2`.")]:
+        assert line in _text(root, name) and "`make book` restores the defaults." in _text(root, name)
+    # the front page's run-time table is filled at every build, from timings.json as it is then
+    t = json.loads((_executed(root) / "results" / "timings.json").read_text())["src"]
+    assert f"<td>{t['seconds']}</td>" in _timings_cell(root, "front")
+    assert "<td>n=2</td>" in _timings_cell(root, "front")
+    capsys.readouterr()
+    assert set(book.build(root=root, check=False, html=False)) == {"src", "mid", "top"}
+    assert 'parameters changed: n 2 -> "default"' in capsys.readouterr().out
+    assert "Non-default parameters" not in _text(root, "mid")
+    assert "<td>n=2</td>" not in _timings_cell(root, "front")

@@ -4,7 +4,7 @@ results). Both end with one rendered, checked book whose pages agree with each o
 
 - ``build`` re-runs a chapter when its key changed (``cache``), including a chapter last run with
   other parameters by ``make chapter``: the book's pages are the defaults' (the page said so in
-  its "not the book's default parameters" box, and the log says which parameters are restored).
+  its "non-default parameters" box, and the log says which parameters are restored).
 - ``chapter`` runs the chapter, then, in the book's order, every page whose recorded run read a
   results file that changed (scorecard, front page, QK-norm, Scale, ...) re-runs with its own
   recorded parameters (so results read from the new run are shown everywhere); the others are

@@ -4,7 +4,10 @@ open, and the results files it loads by a literal name.
 
 - modules: ``import``/``from`` statements anywhere in a file (inside functions too), relative
   ones resolved; every parent package's ``__init__`` counts, since importing a submodule runs it.
-  Imports made by name at run time (``importlib.import_module(x)``) are not seen; ctr has none.
+  Imports made by name at run time (``importlib.import_module(x)``) are not seen; ctr makes
+  two on purpose: ``ctr.book``'s lazy names (a chapter importing ``ctr.book.explorer`` does not
+  depend on the runner) and ``values.check_model`` (a toy chapter does not depend on
+  ``ctr.models``; chapters that check model names import it themselves).
 - data files: a file beside a module, or at the repository root, whose exact name is a string
   constant of that module's code (``with_name("paper_numbers.yaml")``, ``/ "RULES.md"``);
   docstrings and comments do not count. ``TRACED`` files are left out: the run itself records

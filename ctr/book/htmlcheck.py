@@ -88,7 +88,8 @@ _PROBE = r"""() => {
   if (dollars) errors.push('unrendered math: ' + dollars.slice(0, 3).join(' | '));
   const wide = [];                           // wider than its column: scrolled sideways
   for (const el of main.querySelectorAll('*')) {
-    if (el.clientWidth === 0 || el.closest('.MathJax, .MathJax_Display, mjx-container')) continue;
+    if (el.clientWidth === 0 || el.closest('.MathJax, .MathJax_Display, mjx-container')
+        || !el.checkVisibility({checkVisibilityCSS: true})) continue;     // folded: not seen
     if (el.scrollWidth > el.clientWidth + 1) {
       const what = el.tagName.toLowerCase() + (el.className && typeof el.className === 'string'
                    ? '.' + el.className.trim().split(/\s+/).join('.') : '');

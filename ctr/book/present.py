@@ -72,7 +72,7 @@ def nondefault_box(name: str, params: dict, dflt: dict, shown: dict[str, dict]):
             lines.append(f"It shows results of the *{ch}* chapter, run with {_params_text(d)}.")
     if not lines:
         return None
-    text = "\n".join([":::{admonition} Not the book's default parameters", ":class: warning",
+    text = "\n".join([":::{admonition} Non-default parameters", ":class: warning",
                       *lines, "`make book` restores the defaults.", ":::"])
     cell = nbformat.v4.new_markdown_cell(text)
     cell.metadata["ctr"] = "nondefault"
