@@ -29,6 +29,8 @@ import sys
 import threading
 from pathlib import Path
 
+from .layout import BookError
+
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 NO_FIGURES = {"scorecard"}     # pages that are tables and text by design
@@ -116,7 +118,7 @@ def chromium_path() -> str:
         p = shutil.which(name)
         if p:
             return p
-    raise RuntimeError("headless Chromium not found: install Debian's `chromium` "
+    raise BookError("headless Chromium not found: install Debian's `chromium` "
                        "(`make chromium` does it) to check the rendered book")
 
 

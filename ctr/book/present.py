@@ -129,6 +129,15 @@ def timings_outputs(results_dir) -> list:
                                                          "text/plain": df.to_string()})]
 
 
+def show_timings(results_dir) -> None:
+    """Display ``timings_outputs`` in a kernel: the body of the front page's timings cell
+    (metadata ``{"ctr": "timings"}``), whose outputs each build then replaces."""
+    from IPython.display import display
+
+    for out in timings_outputs(results_dir):
+        display(dict(out["data"]), raw=True)
+
+
 def present(nb, name: str, params: dict, info: dict, dflt: dict, results_dir=None,
             shown: dict[str, dict] | None = None):
     """Hide papermill's injected cell and the parameters cell; add the rerun box (and the
