@@ -12,7 +12,9 @@ two environment variables the runner sets:
   ``load`` still reads ``results_dir`` (the book's results), except a file this run saved.
 - ``CTR_BOOK_TRACE``: every results file ``load`` reads (or finds missing) and every top-level
   section of the paper's numbers the run reads is appended there, with a digest of what was read,
-  so the chapter re-runs exactly when one of them changes (``ctr.book.cache``).
+  so the chapter re-runs exactly when one of them changes (``ctr.book.cache``). A page that
+  loads ``timings`` (the run time of every chapter) re-runs when another chapter's entry changes;
+  its own entry, which its own run rewrites, is left out (``read_digest``).
 
 The book's results directory holds a marker file (``BOOK_MARKER``); ``save`` refuses to write
 into it from anywhere but the runner, so a notebook run by hand (papermill, Jupyter) never
@@ -31,6 +33,8 @@ import yaml
 
 STAGE = "CTR_RESULTS_STAGE"
 TRACE = "CTR_BOOK_TRACE"
+CHAPTER = "CTR_BOOK_CHAPTER"       # the chapter the runner is running
+TIMINGS = "timings"                # timings.json: every chapter's run time (the runner's)
 BOOK_MARKER = ".ctr-book-results"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -125,8 +129,17 @@ def load(name: str, results_dir) -> dict:
         raise MissingResults(f"no results file {path}: run the {name!r} chapter first "
                              f"(make chapter NAME={name})")
     raw = path.read_bytes()
-    _trace("results", name, digest(raw))
+    _trace("results", name, read_digest(name, raw, os.environ.get(CHAPTER)))
     return json.loads(raw.decode("utf-8"))
+
+
+def read_digest(name: str, raw: bytes, reader: str | None = None) -> str:
+    """The digest of a results file as chapter ``reader`` depends on it: its bytes, except for
+    ``timings``, whose entry for the reader itself is left out."""
+    if name != TIMINGS:
+        return digest(raw)
+    data = json.loads(raw.decode("utf-8"))
+    return digest({k: v for k, v in data.items() if k != reader})
 
 
 class _Paper(dict):

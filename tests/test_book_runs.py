@@ -163,6 +163,9 @@ CHAIN = {
                    'results.load("mid", results_dir)["m"])'),
     "other": chapter('print("reads nothing")'),
     "front": chapter('print("the front page")'),
+    # a page that shows every chapter's run time re-runs when another chapter's entry changes
+    "clock": chapter('from ctr import results\nt = results.load("timings", results_dir)\n'
+                     'print("clock sees", sorted(t))'),
 }
 
 
@@ -189,7 +192,7 @@ def test_a_chapter_with_other_parameters_reruns_its_readers_and_says_so(tmp_path
     assert set(book.build(root=root, check=False, html=False)) == set(CHAIN)
     assert "Non-default parameters" not in _text(root, "top")
     times = book.chapter("src", {"n": 2}, root=root, html=False)
-    assert set(times) == {"src", "mid", "top"}            # and not "other", nor "front"
+    assert set(times) == {"src", "mid", "top", "clock"}   # and not "other", nor "front"
     assert "mid shows n = 2" in _text(root, "mid") and "top shows m = 2" in _text(root, "top")
     for name, line in [("src", "This page was run with `n=2`."),
                        ("mid", "It shows results of the *src* chapter, run with `n=2`.")]:
@@ -199,7 +202,8 @@ def test_a_chapter_with_other_parameters_reruns_its_readers_and_says_so(tmp_path
     assert f"<td>{t['seconds']}</td>" in _timings_cell(root, "front")
     assert "<td>n=2</td>" in _timings_cell(root, "front")
     capsys.readouterr()
-    assert set(book.build(root=root, check=False, html=False)) == {"src", "mid", "top"}
+    assert set(book.build(root=root, check=False, html=False)) == {"src", "mid", "top", "clock"}
     assert 'parameters changed: n 2 -> "default"' in capsys.readouterr().out
+    assert book.build(root=root, check=False, html=False) == {}    # its own entry is left out
     assert "Non-default parameters" not in _text(root, "mid")
     assert "<td>n=2</td>" not in _timings_cell(root, "front")

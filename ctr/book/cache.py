@@ -28,7 +28,7 @@ from pathlib import Path
 
 import nbformat
 
-from ..results import digest, paper_sections, write_atomic
+from ..results import digest, paper_sections, read_digest, write_atomic
 from . import deps, fingerprint
 from .deps import PKG_ROOT
 
@@ -58,8 +58,8 @@ def versions(pkg_root: Path = PKG_ROOT) -> dict:
     return out
 
 
-def _results(names, results_dir: Path) -> dict:
-    return {r: (_sha((results_dir / f"{r}.json").read_bytes())
+def _results(names, results_dir: Path, reader: str) -> dict:
+    return {r: (read_digest(r, (results_dir / f"{r}.json").read_bytes(), reader)
                 if (results_dir / f"{r}.json").exists() else "missing") for r in sorted(names)}
 
 
@@ -87,7 +87,7 @@ def key(name: str, params: dict, source_nb, results_dir: Path, defaults: dict | 
         "params": _sha({k: v for k, v in params.items() if k != "results_dir"}),
         "modules": {k: _sha(f.read_bytes()) for k, f in sorted(files.items())},
         "paper": paper_sections(recorded.get("paper", {})),
-        "results": _results(reads, Path(results_dir)),
+        "results": _results(reads, Path(results_dir), name),
         "models": {n: _sha(v) for n, v in fingerprint.models(names, hashes).items()},
         "versions": _sha(versions(pkg_root)),
     })

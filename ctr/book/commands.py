@@ -114,7 +114,7 @@ def chapter(name: str, given: dict | None = None, smoke: bool = False, check: bo
     with lock.held(root, wait=wait):
         before = _own(P, name)
         times = {name: run_chapter(name, given, smoke=smoke, root=root)}
-        changed = {name} if _own(P, name) != before else set()
+        changed = ({name} if _own(P, name) != before else set()) | {"timings"}    # it ran
         for n in names:
             if n == name or not (P["executed"] / f"{n}.ipynb").exists():
                 continue

@@ -159,7 +159,7 @@ def run_chapter(name: str, given: dict | None = None, smoke: bool = False,
             out, stage, trace = tmp / f"{name}.ipynb", tmp / "stage", tmp / "trace.jsonl"
             t0 = time.time()
             try:
-                with _environ(**{R.STAGE: str(stage), R.TRACE: str(trace)}):
+                with _environ(**{R.STAGE: str(stage), R.TRACE: str(trace), R.CHAPTER: name}):
                     # the kernel's stderr (progress as text, warnings) goes to the build log;
                     # the page never shows it (nb_output_stderr: remove)
                     papermill.execute_notebook(
