@@ -66,8 +66,8 @@ def held(root: Path = ROOT, wait: bool = False):
             print(f"[ctr.book] waiting for another run of this book ({who}) ...", flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (f"pid {os.getpid()}: {' '.join(sys.argv) or 'python'}, since "
-                       f"{_dt.datetime.now():%H:%M:%S}\n").encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {_command()}, since {_dt.datetime.now():%H:%M:%S}\n"
+                  .encode(), 0)
         _depth[k] = 1
         clean_stale()
         try:
@@ -77,6 +77,14 @@ def held(root: Path = ROOT, wait: bool = False):
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)          # closing the descriptor releases the flock
+
+
+def _command() -> str:
+    """This process's command as the user typed it (``python -m ctr.book chapter sinks ...``)."""
+    argv = list(sys.argv) or ["python"]
+    if argv[0].endswith(os.path.join("ctr", "book", "__main__.py")):
+        argv[0] = "python -m ctr.book"
+    return " ".join(argv)
 
 
 def _alive(pid: int) -> bool:
