@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 
@@ -64,16 +65,28 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from .models import ModelError, PromptError
     try:
-        if args.cmd == "inspect":      # bad settings fail before a model is loaded
+        if args.cmd == "inspect":      # bad settings and names fail before a model is loaded
             from . import definitions as D
+            from .book.values import check_model
             D.check_eps(args.eps)
             D.check_min_queries(args.min_queries)
             D.check_max_tokens(args.max_tokens)
+            check_model(args.model, "model")
         return {"inspect": _inspect, "models": _models}[args.cmd](args)
-    except (ModelError, PromptError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ModelError, PromptError, ValueError, OSError) as e:
+        print(f"error: {_as_flags(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
 
+
+def _as_flags(message: str) -> str:
+    """Messages of the shared checks name settings as Python does (``max_tokens=1``); here the
+    user typed a flag (``--max-tokens 1``)."""
+    for name in ("max_tokens", "min_queries", "eps"):
+        message = re.sub(rf"\b{name}=", f"--{name.replace('_', '-')} ", message)
+    return message
 
 if __name__ == "__main__":
     sys.exit(main())

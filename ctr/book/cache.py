@@ -1,174 +1,45 @@
-"""The executed notebooks: when a chapter must re-run (its key), and what its page is made of.
+"""When a chapter must re-run: its key, recorded beside its executed notebook (``<name>.key.json``).
 
 A chapter re-executes only when something it depends on changed; otherwise its page is rebuilt
-from the source's prose and tags and the recorded outputs (``merge``). Either way
-``present.present`` hides papermill's injected-parameters cell and turns the parameters cell
-into a "how to rerun" box.
+from the source's prose and tags and the recorded outputs (``merge``). The parts of a key:
 
-The key of a chapter (recorded beside its executed notebook as ``<name>.key.json``) hashes:
-
-- ``code``: the source of its code cells, in order (Markdown cells, tags and outputs are left out:
-  a prose or tag edit re-renders the page from the recorded outputs, it does not re-execute);
-- ``params``: the parameters the runner passes (``results_dir`` left out: it names the build
-  directory, not an input);
-- ``modules``: per module, the source of every ``ctr`` module the notebook imports, followed
-  through the package's own imports (``import``/``from`` statements anywhere in a file, relative
-  ones resolved, every parent package's ``__init__`` included because importing a submodule
-  runs it) and the data files those modules name (``paper_numbers.yaml``). Per module, not
-  package-wide: editing ``ctr/chapters/toy_theory.py`` re-runs only the chapters whose imports
-  reach it;
-- ``results``: the results files it reads: every other chapter's for the pages in ``LAST``
-  (scorecard, index), and ``results.load("name", ...)`` calls with a literal name in its code or
-  its modules (qknorm reads variance and probes);
-- ``models``: for each model it loads (``models``/``model`` parameters; ``"installed"`` = every
-  installed embedded model), the converted files in ``~/.cache/ctr`` by name, size and mtime;
+- ``code``: the source of its code cells, in order (prose, tags and outputs are left out: a prose
+  or tag edit re-renders the page from the recorded outputs, it does not re-execute);
+- ``params``: the parameters the runner passes (``results_dir`` left out: a place, not an input);
+- ``modules``: per file, every ``ctr`` module the notebook imports and the data files they open
+  (``deps``). Per module: editing ``ctr/chapters/toy_theory.py`` re-runs only the chapters whose
+  imports reach it;
+- ``paper``: per top-level section, the paper's numbers the run read (``ctr.results`` traces
+  ``paper()``): a number edited in ``toy`` re-runs the chapters that read ``toy``, no other;
+- ``results``: per file, the other chapters' results it read, by content: the ones its code names
+  (``deps.loaded_results``) and every one the run loaded (traced), a missing one included;
+- ``models``: the models it loads, "default"/"installed" resolved to the names they mean here, and
+  each model's files by content (``fingerprint``): ``touch`` re-runs nothing, new weights do;
 - ``versions``: Python and the installed version of every package in ``requirements.txt``.
 
-Imports made by name at run time (``importlib.import_module(x)``) are not seen; ctr has none.
+The traced parts come from the last run; code, modules and parameters cannot change without a
+re-run, so the same run reads the same files again (a dependency file in the manner of make).
 """
 from __future__ import annotations
 
-import ast
-import hashlib
 import json
 import platform
 from pathlib import Path
 
 import nbformat
 
-PKG_ROOT = Path(__file__).resolve().parents[2]     # the directory that holds the ctr package
-PKG = "ctr"
+from ..results import digest, paper_sections, read_digest, write_atomic
+from . import deps, fingerprint
+from .deps import PKG_ROOT
 
-
-def _sha(data) -> str:
-    if not isinstance(data, bytes):
-        data = json.dumps(data, sort_keys=True, default=str).encode()
-    return hashlib.sha256(data).hexdigest()[:16]
+PARTS = ("code", "params", "modules", "paper", "results", "models", "versions")
+_sha = digest
 
 
 def code_cells(nb) -> list[str]:
     """The code a run executes (the injected-parameters cell papermill adds is not source)."""
     return [c.source for c in nb.cells if c.cell_type == "code"
             and "injected-parameters" not in c.metadata.get("tags", [])]
-
-
-# --- which ctr modules a notebook reaches ---------------------------------------------------------
-
-def _module_file(mod: str, pkg_root: Path) -> Path | None:
-    base = pkg_root.joinpath(*mod.split("."))
-    for p in (base / "__init__.py", base.with_suffix(".py")):
-        if p.is_file():
-            return p
-    return None
-
-
-def _imports(tree: ast.AST, mod: str, is_pkg: bool, pkg_root: Path) -> set[str]:
-    """Module names an ast imports (``from a import b`` may name the submodule a.b)."""
-    out = set()
-    here = mod if is_pkg else mod.rpartition(".")[0]
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = here.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1])
-                base = f"{base}.{node.module}" if node.module else base
-            else:
-                base = node.module or ""
-            out.add(base)
-            for a in node.names:
-                if _module_file(f"{base}.{a.name}", pkg_root):
-                    out.add(f"{base}.{a.name}")
-    return out
-
-
-def _parse(source: str) -> ast.AST:
-    # notebook cells may hold IPython syntax (%magic, !shell): drop those lines, parse the rest
-    lines = [(l[:len(l) - len(l.lstrip())] + "pass" if l.lstrip().startswith(("%", "!")) else l)
-             for l in source.splitlines()]
-    try:
-        return ast.parse("\n".join(lines))
-    except SyntaxError:
-        return ast.parse("")
-
-
-def closure(sources: list[str], pkg_root: Path = PKG_ROOT) -> dict[str, Path]:
-    """Every ctr module the given code imports, directly or through ctr's own imports."""
-    todo = set()
-    for s in sources:
-        todo |= _imports(_parse(s), "__main__", False, pkg_root)
-    seen: dict[str, Path] = {}
-    while todo:
-        mod = todo.pop()
-        if mod != PKG and not mod.startswith(PKG + "."):
-            continue
-        parts = mod.split(".")
-        for i in range(1, len(parts) + 1):        # importing a.b.c runs a and a.b first
-            name = ".".join(parts[:i])
-            f = _module_file(name, pkg_root)
-            if f is None or name in seen:
-                continue
-            seen[name] = f
-            todo |= _imports(ast.parse(f.read_text()), name, f.name == "__init__.py", pkg_root)
-    return dict(sorted(seen.items()))
-
-
-def _data_files(mods: dict[str, Path]) -> list[Path]:
-    """Non-Python files beside a module that the module names (e.g. paper_numbers.yaml)."""
-    out = set()
-    for f in mods.values():
-        text = f.read_text()
-        for d in f.parent.iterdir():
-            if d.is_file() and d.suffix not in (".py", ".pyc") and d.name in text:
-                out.add(d)
-    return sorted(out)
-
-
-def _loaded_results(sources: list[str]) -> set[str]:
-    """Names in ``results.load("name", ...)`` / ``load("name", ...)`` calls with a literal name."""
-    out = set()
-    for s in sources:
-        for node in ast.walk(_parse(s)):
-            if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
-                    and isinstance(node.args[0].value, str):
-                f = node.func
-                if (isinstance(f, ast.Attribute) and f.attr == "load"
-                        and isinstance(f.value, ast.Name) and f.value.id == "results") or \
-                        (isinstance(f, ast.Name) and f.id == "load"):
-                    out.add(node.args[0].value)
-    return out
-
-
-# --- models and versions --------------------------------------------------------------------------
-
-def model_fingerprint(names: list[str]) -> dict:
-    """Converted model files by name, size and mtime (hashing 1.6 GB of weights would cost
-    seconds per build; a reconversion rewrites the files, so their mtimes change)."""
-    from .. import models as M
-
-    out = {}
-    for n in names:
-        d = M.cache_dir() / "models" / n if n in M.EMBEDDED else Path(n)
-        if n in M.TINY:
-            out[n] = "tiny (built from ctr/tiny.py)"
-        elif d.is_dir():
-            out[n] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns]
-                      for p in sorted(d.iterdir()) if p.is_file()}
-        else:
-            out[n] = "no local files (a hub id, or not converted yet)"
-    return out
-
-
-def models_of(params: dict, defaults: dict) -> list[str]:
-    given = {**defaults, **params}
-    v = given.get("models", given.get("model"))
-    if v is None:
-        return []
-    if v == "installed":
-        from .. import models as M
-        return M.available()
-    return [v] if isinstance(v, str) else list(v)
 
 
 def versions(pkg_root: Path = PKG_ROOT) -> dict:
@@ -187,75 +58,135 @@ def versions(pkg_root: Path = PKG_ROOT) -> dict:
     return out
 
 
-# --- the key --------------------------------------------------------------------------------------
+def _results(names, results_dir: Path, reader: str) -> dict:
+    return {r: (read_digest(r, (results_dir / f"{r}.json").read_bytes(), reader)
+                if (results_dir / f"{r}.json").exists() else "missing") for r in sorted(names)}
 
-def key(name: str, params: dict, source_nb, results_dir: Path, others: list[str],
-        defaults: dict | None = None, last: bool = False, pkg_root: Path = PKG_ROOT) -> dict:
-    """Components of a chapter's key and their digest. ``others``: the other chapters whose
-    results a LAST page reads."""
+
+def _seal(k: dict) -> dict:
+    k["digest"] = _sha({p: k[p] for p in PARTS})
+    return k
+
+
+def key(name: str, params: dict, source_nb, results_dir: Path, defaults: dict | None = None,
+        pkg_root: Path = PKG_ROOT, recorded: dict | None = None,
+        hashes: fingerprint.Hashes | None = None) -> dict:
+    """A chapter's key as things are now. ``recorded``: its last recorded key, whose traced
+    reads (results files, paper sections) are looked up again."""
     code = code_cells(source_nb)
-    mods = closure(code, pkg_root)
-    files = {f.relative_to(pkg_root).as_posix(): f for f in [*mods.values(), *_data_files(mods)]}
-    reads = set(others) if last else _loaded_results(code + [f.read_text() for f in mods.values()])
+    mods = deps.closure(code, pkg_root)
+    files = {f.relative_to(pkg_root).as_posix(): f
+             for f in [*mods.values(), *deps.data_files(mods, pkg_root)]}
+    reads = deps.loaded_results(code) | deps.module_loads(mods, pkg_root)
+    recorded = recorded or {}
+    reads |= set(recorded.get("results", {}))
     reads.discard(name)
-    results_dir = Path(results_dir)
-    parts = {
+    names = fingerprint.resolve_models(params, defaults or {})
+    return _seal({
         "code": _sha(code),
         "params": _sha({k: v for k, v in params.items() if k != "results_dir"}),
         "modules": {k: _sha(f.read_bytes()) for k, f in sorted(files.items())},
-        "results": {r: (_sha((results_dir / f"{r}.json").read_bytes())
-                        if (results_dir / f"{r}.json").exists() else "missing")
-                    for r in sorted(reads)},
-        "models": _sha(model_fingerprint(models_of(params, defaults or {}))),
+        "paper": paper_sections(recorded.get("paper", {})),
+        "results": _results(reads, Path(results_dir), name),
+        "models": {n: _sha(v) for n, v in fingerprint.models(names, hashes).items()},
         "versions": _sha(versions(pkg_root)),
-    }
-    parts["digest"] = _sha({k: v for k, v in parts.items()})
-    return parts
+    })
 
 
-def after_run(k: dict, params: dict, defaults: dict | None = None) -> dict:
-    """The key to record for a run: the model files as the run left them (a first run converts
-    an embedded model into ~/.cache/ctr; keyed on the files before it, the next build would
-    re-run the chapter for nothing). Everything else stays as it was when the run started."""
-    k = dict(k, models=_sha(model_fingerprint(models_of(params, defaults or {}))))
-    k["digest"] = _sha({p: v for p, v in k.items() if p not in ("digest", "own_results")})
-    return k
+def read_trace(path: Path) -> dict:
+    """What a run read, from its trace file: {"results": {name: digest}, "paper": {...}}."""
+    out = {"results": {}, "paper": {}}
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            e = json.loads(line)
+            out[e["kind"]].setdefault(e["name"], e["digest"])    # the first read is the one used
+    return out
+
+
+def after_run(k: dict, trace: dict, name: str, params: dict, defaults: dict | None = None,
+              hashes: fingerprint.Hashes | None = None) -> dict:
+    """The key to record for a run: the reads it traced, and the model files as the run left
+    them (a first run converts an embedded model into ~/.cache/ctr; keyed on the files before
+    it, the next build would re-run the chapter for nothing)."""
+    names = fingerprint.resolve_models(params, defaults or {})
+    got = {r: d for r, d in trace.get("results", {}).items() if r != name}
+    return _seal(dict(k, results=dict(sorted({**k["results"], **got}.items())),
+                      paper=dict(sorted(trace.get("paper", {}).items())),
+                      models={n: _sha(v) for n, v in fingerprint.models(names, hashes).items()}))
 
 
 def key_path(executed_dir: Path, name: str) -> Path:
     return Path(executed_dir) / f"{name}.key.json"
 
 
-def stale(name: str, k: dict, executed_dir: Path, results_dir: Path) -> str | None:
-    """Why the chapter must re-run, or None when its recorded run is still valid."""
-    nb, kp = Path(executed_dir) / f"{name}.ipynb", key_path(executed_dir, name)
-    if not nb.exists():
-        return "never executed"
-    if not kp.exists():
-        return "no recorded key"
-    old = json.loads(kp.read_text())
-    res = Path(results_dir) / f"{name}.json"
-    if old.get("own_results") and (not res.exists() or _sha(res.read_bytes()) != old["own_results"]):
-        return "its results file is missing or was changed"
+def load_key(executed_dir: Path, name: str) -> dict | None:
+    p = key_path(executed_dir, name)
+    try:
+        return json.loads(p.read_text()) if p.exists() else None
+    except ValueError:
+        return None
+
+
+def _changed(a: dict, b: dict) -> list[str]:
+    return [m for m in sorted(set(a) | set(b)) if a.get(m) != b.get(m)]
+
+
+def explain(old: dict, k: dict, given: dict | None = None) -> str | None:
+    """Why a recorded key ``old`` differs from the key now (None when it does not)."""
+    if any(p not in old for p in PARTS):
+        return "recorded by an older version of the book"
     if old.get("digest") == k["digest"]:
         return None
     why = []
-    for part in ("code", "params", "models", "versions"):
-        if old.get(part) != k[part]:
-            why.append({"code": "code cells", "params": "parameters", "models": "model files",
-                        "versions": "package versions"}[part] + " changed")
-    for part, what in (("modules", "{} changed"), ("results", "results of {} changed")):
-        a, b = old.get(part, {}), k[part]
-        why += [what.format(m) for m in sorted(set(a) | set(b)) if a.get(m) != b.get(m)]
+    if old["code"] != k["code"]:
+        why.append("code cells changed")
+    if old["params"] != k["params"]:
+        was = old.get("given")
+        why.append("parameters changed" if was is None or given is None else
+                   "parameters changed: " + ", ".join(
+                       f"{p} {json.dumps(was.get(p, 'default'))} -> "
+                       f"{json.dumps(given.get(p, 'default'))}"
+                       for p in _changed(was, given)))
+    why += [f"{m} changed" for m in _changed(old["modules"], k["modules"])]
+    why += [f"paper numbers '{s}' changed" for s in _changed(old["paper"], k["paper"])]
+    why += [f"results of {r} changed" for r in _changed(old["results"], k["results"])]
+    gone = set(old["models"]) ^ set(k["models"])
+    if gone:
+        why.append("model list changed: " + ", ".join(sorted(gone)))
+    why += [f"files of model {m} changed" for m in _changed(old["models"], k["models"])
+            if m not in gone]
+    if old["versions"] != k["versions"]:
+        why.append("package versions changed")
     return "; ".join(why) or "key changed"
 
 
-def record(name: str, k: dict, executed_dir: Path, results_dir: Path) -> None:
-    from ..results import write_atomic
-
+def stale(name: str, k: dict, executed_dir: Path, results_dir: Path,
+          given: dict | None = None) -> str | None:
+    """Why the chapter must re-run, or None when its recorded run is still valid. ``k`` is
+    ``key(..., recorded=load_key(executed_dir, name))``."""
+    nb = Path(executed_dir) / f"{name}.ipynb"
+    if not nb.exists():
+        return "never executed"
+    old = load_key(executed_dir, name)
+    if old is None:
+        return "no recorded key"
     res = Path(results_dir) / f"{name}.json"
-    k = dict(k, own_results=_sha(res.read_bytes()) if res.exists() else None)
+    if old.get("own_results") and (not res.exists() or _sha(res.read_bytes()) != old["own_results"]):
+        return "its results file is missing or was changed"
+    return explain(old, k, given)
+
+
+def record(name: str, k: dict, executed_dir: Path, results_dir: Path,
+           given: dict | None = None) -> None:
+    """Write the key of a finished run; ``given``: the parameters it ran with (no results_dir)."""
+    res = Path(results_dir) / f"{name}.json"
+    k = dict(k, own_results=_sha(res.read_bytes()) if res.exists() else None, given=given or {})
     write_atomic(key_path(executed_dir, name), json.dumps(k, indent=1, sort_keys=True))
+
+
+def reads(executed_dir: Path, name: str) -> set[str]:
+    """The results files the chapter's recorded run read (or would have: missing ones too)."""
+    return set((load_key(executed_dir, name) or {}).get("results", {}))
 
 
 # --- refreshing a skipped chapter from its source --------------------------------------------------
