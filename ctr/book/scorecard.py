@@ -46,20 +46,13 @@ BEYOND_WORDS = {V.REPRODUCED: "supported", V.NOT: "not supported"}
 OPTIONAL = ("reading", "headline", "settings", "choice", "p_raw", "p_adj", "parts", "note")
 
 
-def _nondefault(chapter: str, saved: dict, given: dict | None) -> dict:
-    """The parameters a chapter's results were made with that differ from its notebook's
-    defaults (``given``: the defaults, e.g. from the runner; None: nothing is flagged)."""
-    if not given:
-        return {}
-    ran = saved.get("params") or {}
-    return {k: ran[k] for k in ran if k in given and ran[k] != given[k]
-            and k not in ("results_dir", "smoke")}
-
-
-def collect(results_dir, chapters=CHAPTERS, defaults: dict | None = None) -> pd.DataFrame:
+def collect(results_dir, chapters=CHAPTERS) -> pd.DataFrame:
     """All chapters' claim rows. A missing results file, a file without claims, a row without
-    one of the columns or with an unknown verdict is an error naming the chapter.
-    ``defaults``: {chapter: its default parameters}, to flag runs with other parameters."""
+    one of the columns or with an unknown verdict is an error naming the chapter. Each row
+    carries the parameters its chapter ran with that are not the defaults (recorded by the
+    book's runner in the results file: ``present.nondefault``)."""
+    from .present import nondefault
+
     rows = []
     for ch in chapters:
         res = results.load(ch, results_dir)          # raises MissingResults, naming the chapter
@@ -67,7 +60,7 @@ def collect(results_dir, chapters=CHAPTERS, defaults: dict | None = None) -> pd.
         if not claims:
             raise ValueError(f"results file of chapter {ch!r} has no 'claims' rows; rerun it "
                              f"(make chapter NAME={ch})")
-        flag = _nondefault(ch, res, (defaults or {}).get(ch))
+        flag = nondefault(ch, results_dir)
         for c in claims:
             missing = set(V.COLUMNS) - set(c)
             if missing:
@@ -111,16 +104,16 @@ def _claims(rows: pd.DataFrame) -> pd.DataFrame:
                                       "verdict", "agree", "models", "per_model", "nondefault"])
 
 
-def table(results_dir, chapters=CHAPTERS, defaults: dict | None = None) -> pd.DataFrame:
+def table(results_dir, chapters=CHAPTERS) -> pd.DataFrame:
     """One row per pre-registered claim: claim, paper, rule, verdict over the models, how many
     models agree, the per-model details, and the parameters that differ from the defaults."""
-    rows = collect(results_dir, chapters, defaults)
+    rows = collect(results_dir, chapters)
     return _claims(rows[rows.reading == V.PREREGISTERED])
 
 
-def alternatives(results_dir, chapters=CHAPTERS, defaults: dict | None = None) -> pd.DataFrame:
+def alternatives(results_dir, chapters=CHAPTERS) -> pd.DataFrame:
     """The rows marked "alternative reading, not pre-registered", one per (chapter, id)."""
-    rows = collect(results_dir, chapters, defaults)
+    rows = collect(results_dir, chapters)
     return _claims(rows[rows.reading == V.ALTERNATIVE])
 
 
