@@ -536,6 +536,9 @@ def test_rule_sweep():
     assert VV.rule_sweep(-0.01, 0.01, 30) == C
     assert VV.rule_sweep(-0.05, -0.01, 30) == N
     assert VV.rule_sweep(0.01, 0.05, 10) == U
+    # "CI > 0" is strict: an interval that touches 0 (a model without sinks: D = 0) is on
+    # neither side
+    assert VV.rule_sweep(0.0, 0.0, 30) == C and VV.rule_sweep(0.0, 0.02, 30) == C
 
 
 def test_rule_orthogonal():

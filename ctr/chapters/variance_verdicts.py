@@ -26,10 +26,25 @@ NO_VERDICT = "no verdict (descriptive)"
 
 # --- rules (numbers in, verdict out) ------------------------------------------------------------
 
+def _one_sided(lo, hi, n_prompts, x: float, above: bool) -> str:
+    """"CI > x" (above) or "CI < x": reproduced when the whole interval lies strictly on that
+    side of x, not reproduced when it lies strictly on the other, compatible otherwise (an
+    interval that touches x, e.g. [0, 0], is on neither side); fewer than 20 prompts: not
+    testable."""
+    v = V.by_bootstrap(lo, hi, n_prompts)
+    if v == V.UNTESTABLE:
+        return v
+    if (lo > x) if above else (hi < x):
+        return V.REPRODUCED
+    if (hi < x) if above else (lo > x):
+        return V.NOT
+    return V.COMPATIBLE
+
+
 def rule_sinks_1_2(lo, hi, n_prompts) -> str:
     """sinks_1_2: reproduced if the CI of the share of heads with 1-2 sinks lies above 0.5; not
     reproduced if below; compatible otherwise; fewer than 20 prompts: not testable."""
-    return V.by_bootstrap(lo, hi, n_prompts, 0.5, 1.0)
+    return _one_sided(lo, hi, n_prompts, 0.5, above=True)
 
 
 def rule_in_range(lo, hi, n_prompts) -> str:
@@ -41,7 +56,7 @@ def rule_in_range(lo, hi, n_prompts) -> str:
 def rule_beats_random(lo, hi, n_prompts) -> str:
     """ve_20_40, part "beats random": reproduced if the CI of the median over heads of the
     per-head mean (VE - random-subspace VE) is above 0; not reproduced if below 0."""
-    return V.by_bootstrap(lo, hi, n_prompts, low=0.0)
+    return _one_sided(lo, hi, n_prompts, 0.0, above=True)
 
 
 def rule_ve_20_40(in_range: str, beats_random: str) -> str:
@@ -52,17 +67,17 @@ def rule_ve_20_40(in_range: str, beats_random: str) -> str:
 def rule_sweep(lo, hi, n_prompts) -> str:
     """sweep: saturates. Reproduced if D's CI > 0; not reproduced if D's CI < 0; compatible
     otherwise (D on the squared VE; see ``variance.saturation``)."""
-    return V.by_bootstrap(lo, hi, n_prompts, low=0.0)
+    return _one_sided(lo, hi, n_prompts, 0.0, above=True)
 
 
 def rule_near0(lo, hi, n_prompts) -> str:
     """tag_orth_*, part "near 0": reproduced if r's CI > 0.5, not reproduced if CI < 0.5."""
-    return V.by_bootstrap(lo, hi, n_prompts, low=0.5)
+    return _one_sided(lo, hi, n_prompts, 0.5, above=True)
 
 
 def rule_rarely_aligned(lo, hi, n_prompts) -> str:
     """tag_orth_*, part "rarely aligned": reproduced if a's CI < 0.01, not if CI > 0.01."""
-    return V.by_bootstrap(lo, hi, n_prompts, high=0.01)
+    return _one_sided(lo, hi, n_prompts, 0.01, above=False)
 
 
 def rule_orthogonal(pairs: int, near0: str, aligned: str, min_pairs: int = MIN_PAIRS) -> str:
@@ -145,6 +160,7 @@ def intervals(r: Result, n_boot: int = stats.N_BOOT, seed: int = 0) -> dict:
         sw, i = sweep_means(r), [r.eps.index(x) for x in SATURATION_EPS]
         units["D"] = np.c_[sw["ve_sq_zero"][:, i], sw["sinks"][:, i]]
         stat["D"] = lambda u: saturation(u[:, :3].mean(0), u[:, 3:].mean(0))[0]   # noqa: E731
+        count["D"] = P
     for key in ("cross", "within"):
         h, h0 = getattr(r, f"pairs_{key}"), getattr(r, f"null_{key}")
         units[f"near0_{key}"] = np.c_[h[:, NEAR0].sum(1), h.sum(1)]
@@ -220,9 +236,10 @@ def claims(name: str, s: dict, iv: dict, paper: dict) -> list[dict]:
     row("ve_20_40", "1-2 tags typically explain 20-40% of a head's output",
         "20-40% (Fig. 3: box plots over heads with sinks); mean VE at eps 0.2, sinkless heads as "
         "0 (rebuttal table): " + ", ".join(f"{m} {p['ve']:.3f}" for m, p in at02.items()),
-        f"median per-head VE {med[0]:.2f} over {s['ve_heads']} heads (a sink in at least "
-        f"{s['ve_min_prompts']} prompts); median of VE minus random {br[0]:+.2f}; paper-like mean "
-        f"{iv['ve_zero'][0]:.2f} (sinkless heads as 0; no verdict)",
+        (f"median per-head VE {med[0]:.2f} over {s['ve_heads']} heads (a sink in at least "
+         f"{s['ve_min_prompts']} prompts); median of VE minus random {br[0]:+.2f}; "
+         if s["ve_heads"] else f"no head has a sink in {s['ve_min_prompts']} prompts; ")
+        + f"paper-like mean {iv['ve_zero'][0]:.2f} (sinkless heads as 0; no verdict)",
         f"median {_ci(iv, 've_median')}; minus random {_ci(iv, 'beats_random_median', '{:+.2f}')}",
         rule_ve_20_40(*parts.values()), parts=parts)
 
@@ -279,3 +296,18 @@ def descriptive(name: str, s: dict, paper: dict) -> list[dict]:
              "paper": f"up to {paper['variance']['ve_max']:.0%} (Fig. 3)", "ours": ours,
              "interval": "-", "rule": rules.text("up_to_70"), "verdict": NO_VERDICT,
              "settings": f"eps {s['eps']}, min_queries {s['min_queries']}"}]
+
+
+def table(rows: list[dict]):
+    """The chapter's closing table: claim, model, the paper's number, ours, the interval, the
+    verdict (with its parts' verdicts), the rule's words and the row's note."""
+    import pandas as pd
+
+    def verdict(x):
+        parts = "; ".join(f"{k}: {v}" for k, v in (x.get("parts") or {}).items())
+        return f"{x['verdict']} ({parts})" if parts else x["verdict"]
+
+    return pd.DataFrame([{"claim": x["claim"], "model": x["model"], "paper": x["paper"],
+                          "ours": x["ours"], "95% interval": x["interval"],
+                          "verdict": verdict(x), "rule (RULES.md)": x["rule"],
+                          "note": x.get("note") or ""} for x in rows])
