@@ -236,8 +236,10 @@ def _measure_layer(r: Result, p: int, rec, ctx: Context) -> None:
 def map_vectors(X: torch.Tensor, head: torch.Tensor, W: torch.Tensor, H: int) -> torch.Tensor:
     """Head-space vectors X (n, D), the i-th of head ``head[i]``, through that head's columns of
     W (d_model, H * D) -> (n, d_model)."""
-    Wh = W.view(W.shape[0], H, X.shape[-1]).permute(1, 0, 2)                  # (H, d_model, D)
-    return (Wh[head] @ X.unsqueeze(-1))[..., 0]
+    n, Dh = X.shape
+    Xf = X.new_zeros(n, H, Dh)                  # each vector in its head's slot of H * D
+    Xf[torch.arange(n), head] = X
+    return Xf.view(n, H * Dh) @ W.T
 
 
 def mapped_tags(V: torch.Tensor, S: torch.Tensor, W: torch.Tensor):
@@ -248,12 +250,14 @@ def mapped_tags(V: torch.Tensor, S: torch.Tensor, W: torch.Tensor):
 
 
 def pair_cosines(tags: torch.Tensor, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosines of all pairs of distinct mapped tags: (pairs of different heads, pairs of one head)."""
+    """Cosines of all pairs of distinct mapped tags (n, d_model), or of each of a stack of such
+    sets (..., n, d_model): (pairs of different heads, pairs of one head), flattened."""
     u = torch.nn.functional.normalize(tags, dim=-1)
-    i, j = torch.triu_indices(len(u), len(u), 1)
-    c = (u[i] * u[j]).sum(-1)
-    same = head[i] == head[j]
-    return c[~same], c[same]
+    G = u @ u.transpose(-1, -2)                                             # (..., n, n)
+    n = len(head)
+    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
+    same = head.unsqueeze(0) == head.unsqueeze(1)
+    return G[..., upper & ~same].reshape(-1), G[..., upper & same].reshape(-1)
 
 
 def _hist(c: torch.Tensor, bins: np.ndarray) -> np.ndarray:
@@ -291,19 +295,19 @@ def tag_geometry(r: Result, p: int, l: int, A, V, S, W, resid_in, resid_out=None
     unit = torch.nn.functional.normalize
     M = ((torch.arange(T).unsqueeze(0) > pos.unsqueeze(1)) & ~S[head]
          & (A[head, :, pos] > 0))                                             # (n, T)
-    null_abs = []
-    for _ in range(NULL_DRAWS):
-        rnd = map_vectors(torch.randn(len(head), Dh, generator=gen), head, W, H)
-        c0, w0 = pair_cosines(rnd, head)
-        r.null_cross[p] += _hist(c0, PAIR_BINS)
-        r.null_within[p] += _hist(w0, PAIR_BINS)
-        null_abs.append((unit(rnd, dim=-1) @ unit(resid_in, dim=-1).T).abs())
+    n = len(head)
+    rnd = map_vectors(torch.randn(NULL_DRAWS * n, Dh, generator=gen), head.repeat(NULL_DRAWS),
+                      W, H).view(NULL_DRAWS, n, -1)
+    c0, w0 = pair_cosines(rnd, head)
+    r.null_cross[p] += _hist(c0, PAIR_BINS)
+    r.null_within[p] += _hist(w0, PAIR_BINS)
+    null_abs = (unit(rnd, dim=-1) @ unit(resid_in, dim=-1).T).abs()          # (draws, n, T)
     if not M.any():
         return
     cos = unit(tags, dim=-1) @ unit(resid_in, dim=-1).T                       # (n, T)
     r.tag_token[p, l] = _layer_mean(cos, M, head, H)
     r.tag_token_abs[p, l] = _layer_mean(cos.abs(), M, head, H)
-    r.tag_token_null_abs[p, l] = _layer_mean(torch.stack(null_abs).mean(0), M, head, H)
+    r.tag_token_null_abs[p, l] = _layer_mean(null_abs.mean(0), M, head, H)
     if resid_out is not None:
         r.tag_token_out[p, l] = _layer_mean(unit(tags, dim=-1) @ unit(resid_out, dim=-1).T,
                                             M, head, H)

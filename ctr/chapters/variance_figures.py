@@ -100,8 +100,11 @@ def sweep(summ: dict, paper: dict):
         a_ve.plot([p["eps"] for p in pts], [p["ve"] for p in pts], **kw)
         a_n.plot([p["eps"] for p in pts], [p["sinks"] for p in pts], **kw)
         a_curve.plot([p["sinks"] for p in pts], [p["ve"] for p in pts], **kw)
+    ticks = (0.03, 0.05, 0.1, 0.2, 0.4)
     for ax in (a_ve, a_n):
         ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("threshold $\\epsilon$")
     a_ve.set_ylabel("average VE")
     a_n.set_ylabel("average number of sinks per head")

@@ -265,8 +265,10 @@ def claims(name: str, s: dict, iv: dict, paper: dict) -> list[dict]:
         npairs, rr, a = s[f"pairs_{key}"], iv[f"r_{key}"], iv[f"a_{key}"]
         parts = {"near 0": rule_near0(*rr[1:], nn[f"r_{key}"]),
                  "rarely aligned": rule_rarely_aligned(*a[1:], nn[f"a_{key}"])}
+        h0 = np.asarray(s[f"null_{key}_hist"], float)
         ours = (f"{npairs:,} pairs: {s[f'pairs_{key}_near_0']:.2f} in [-0.05, 0.05), null "
-                f"{s[f'null_{key}_near_0']:.2f}: r {rr[0]:.2f}; a {a[0]:.2%}") if npairs else "no pairs"
+                f"{s[f'null_{key}_near_0']:.2f}: r {rr[0]:.2f}; a {a[0]:.2%} (null "
+                f"{h0[ALIGNED] / h0.sum():.2%})") if npairs else "no pairs"
         kw = {"note": _gqa_note(s)} if key == "cross" and _gqa_note(s) else {}
         row(f"tag_orth_{key}", f"distinct tags are nearly orthogonal ({what}, in the residual "
             "stream)", paper_orth, ours,
