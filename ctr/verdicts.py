@@ -52,13 +52,16 @@ def _bad(x) -> bool:
 
 
 def by_interval(lo: float | None, hi: float | None, low: float = -math.inf,
-                high: float = math.inf) -> str:
-    """The claim "the quantity lies in [low, high]", judged on its interval [lo, hi]."""
+                high: float = math.inf, strict: bool = False) -> str:
+    """The claim "the quantity lies in [low, high]", judged on its interval [lo, hi].
+    ``strict``: RULES.md's "CI > x" / "CI < x", the whole interval strictly beyond the bound
+    (an interval that touches it, e.g. [0, 0] against 0, is compatible)."""
     if _bad(lo) or _bad(hi):
         return UNTESTABLE
     if lo > hi:
         raise ValueError(f"interval [{lo}, {hi}] is reversed")
-    if low <= lo and hi <= high:
+    inside = (low < lo and hi < high) if strict else (low <= lo and hi <= high)
+    if inside:
         return REPRODUCED
     if hi < low or lo > high:
         return NOT
@@ -66,12 +69,12 @@ def by_interval(lo: float | None, hi: float | None, low: float = -math.inf,
 
 
 def by_bootstrap(lo: float | None, hi: float | None, n_units: int, low: float = -math.inf,
-                 high: float = math.inf, min_units: int = 20) -> str:
+                 high: float = math.inf, min_units: int = 20, strict: bool = False) -> str:
     """``by_interval`` on a bootstrap interval over prompts: fewer than ``min_units`` (20)
     contributing prompts is not testable here (RULES.md, Intervals)."""
     if n_units < min_units:
         return UNTESTABLE
-    return by_interval(lo, hi, low, high)
+    return by_interval(lo, hi, low, high, strict)
 
 
 def parts(*verdicts: str) -> str:

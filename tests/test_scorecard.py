@@ -36,6 +36,8 @@ def test_all_of_and_combine():
     assert V.combine([C, R]) == C and V.combine([U]) == U and V.combine([P, R]) == P
     assert V.combine([C, N]) == C and V.combine([C, C, U]) == C
     assert V.agree([R, C, U], V.combine([R, C, U])) == 1
+    assert V.by_interval(0.0, 0.0, low=0.0) == R and V.by_interval(0.0, 0.0, low=0.0, strict=True) == C
+    assert V.by_interval(0.05, 0.1, low=0.05, strict=True) == C and V.by_interval(-1, -0.1, low=0, strict=True) == N
     assert V.by_bootstrap(0.1, 0.2, 19, low=0.0) == U and V.by_bootstrap(0.1, 0.2, 20, low=0.0) == R
     with pytest.raises(ValueError, match="unknown verdict"):
         V.combine(["sort of"])

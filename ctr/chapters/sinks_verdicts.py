@@ -37,7 +37,7 @@ def rule_gain(m: dict, margin: float = MARGIN) -> str:
     not reproduced if it lies below; compatible (underpowered) otherwise."""
     if not m.get("n_cases"):
         return V.UNTESTABLE
-    return V.by_bootstrap(m["lo"], m["hi"], m["n_prompts"], low=margin)
+    return V.by_bootstrap(m["lo"], m["hi"], m["n_prompts"], low=margin, strict=True)
 
 
 def rule_clusters(m: dict) -> str:

@@ -31,14 +31,9 @@ def _one_sided(lo, hi, n_prompts, x: float, above: bool) -> str:
     side of x, not reproduced when it lies strictly on the other, compatible otherwise (an
     interval that touches x, e.g. [0, 0], is on neither side); fewer than 20 prompts: not
     testable."""
-    v = V.by_bootstrap(lo, hi, n_prompts)
-    if v == V.UNTESTABLE:
-        return v
-    if (lo > x) if above else (hi < x):
-        return V.REPRODUCED
-    if (hi < x) if above else (lo > x):
-        return V.NOT
-    return V.COMPATIBLE
+    if above:
+        return V.by_bootstrap(lo, hi, n_prompts, low=x, strict=True)
+    return V.by_bootstrap(lo, hi, n_prompts, high=x, strict=True)
 
 
 def rule_sinks_1_2(lo, hi, n_prompts) -> str:
