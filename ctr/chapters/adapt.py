@@ -77,9 +77,9 @@ def sink_positions(model: models.Model, texts: list[str], max_tokens: int = 150,
             idx = list(range(start, min(start + batch_size, P)))
             for rec in extract.layers(model, batch.select(idx)):
                 for b, p in enumerate(idx):
-                    A = rec.prompt(b).A[0, :, :T, :T].float()            # (H, T, T)
-                    a = D.alpha(A, rec.window, min_queries)                # (H, T)
-                    S[p, rec.layer] = D.sinks(a, eps).numpy()
+                    A = rec.prompt(b).A[0, :, :T, :T]                    # (H, T, T)
+                    a = D.alpha(A, rec.window, min_queries)                # (H, T) float32
+                    S[p, rec.layer] = D.sinks(a, eps).cpu().numpy()
     return {"S": S, "first_token": [t[0] for t in batch.tokens], "T": T}
 
 
@@ -121,11 +121,13 @@ def agrees(row: dict) -> bool:
 
 
 def bos_table(names, texts: list[str], max_tokens: int = 150, eps: float = D.EPS,
-              min_queries: int = 16) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """For every model: its policy (``info``) and ``bos_compare`` rows, loading one at a time."""
+              min_queries: int = 16, device: str = "cpu",
+              dtype: str = "float32") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """For every model: its policy (``info``) and ``bos_compare`` rows, loading one at a time
+    (on ``device`` in ``dtype``, after the memory plan for 8 prompts of ``max_tokens``)."""
     policy, rows = [], []
     for name in names:
-        m = models.load(name)
+        m = models.load(name, device=device, dtype=dtype, T=max_tokens, batch=8)
         policy.append({"model": name, "architecture": m.architecture,
                        "tokenizer adds BOS": models.tokenizer_adds_bos(m.tokenizer),
                        "BOS policy": m.bos_policy})

@@ -83,6 +83,12 @@ def _trace(model: Model, inputs: dict, emit, *, edits: Mapping[int, Edit] | None
     last, first = len(envoys) - 1, (start[0] if start else 0)
     edits = edits or {}
     box = {}
+    # Inputs go where the model reads them (the first device of a device map; accelerate's hooks
+    # move activations between the layers' devices). Records stay on the layer's device.
+    dev = model.device
+    inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    if start is not None:
+        start = (start[0], start[1].to(dev))
     with model.lm.trace(inputs, use_cache=kw.pop("use_cache", False), **kw):
         for l, layer in enumerate(envoys):   # modules must be read in forward order
             if l < first:
@@ -104,7 +110,7 @@ def _trace(model: Model, inputs: dict, emit, *, edits: Mapping[int, Edit] | None
                         raise ExtractionError(f"the edit of layer {l} returned shape "
                                               f"{tuple(new.shape)}; per-head outputs are "
                                               f"{tuple(out.shape)} (B, T, H, D)")
-                    out = new.to(out.dtype)
+                    out = new.to(device=out.device, dtype=out.dtype)
                     op.output = (out, A)
             resid_out = layer.output
             emit(l, resid_in, V, out, A, resid_out)
