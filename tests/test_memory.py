@@ -133,3 +133,51 @@ def test_plan_is_within_25_percent_of_the_measured_peak():
         est = M.plan(c[0], "cpu", c[1], T=c[2], batch=c[3]).need.peak
         assert abs(est / measured - 1) < 0.25, f"{c}: plan {est / GiB:.2f} GiB, " \
                                                f"measured {measured / GiB:.2f} GiB"
+
+
+# --- the adapt page's paper-models section -----------------------------------------------------
+
+def test_paper_models_table_plans_each_chapter_on_one_gpu():
+    from ctr.chapters import adapt_paper as AP
+
+    df = AP.chapters({"taxonomy": {"seconds": 100.0, "smoke": False},
+                      "sinks": {"seconds": 10.0, "smoke": True}}, ["tiny-random-llama"])
+    row = df.set_index("chapter").loc["taxonomy"]
+    # the 14B pair at T=1024: 29.5 GB of bf16 weights, more than a 24 GB GPU holds
+    assert row["fits"] == "40 GB GPU" and row["memory (largest model)"].startswith("30.")
+    assert "(here: 100 s on the CPU)" in row["expected time"]
+    assert "run the chapter here first" in df.set_index("chapter").loc["sinks", "expected time"]
+    cmd = AP.commands()
+    assert ('make chapter NAME=taxonomy ONLINE=1 PARAMS="pairs=[[meta-llama/Llama-3.1-8B,'
+            'deepseek-ai/DeepSeek-R1-Distill-Llama-8B],[Qwen/Qwen2.5-14B,'
+            'deepseek-ai/DeepSeek-R1-Distill-Qwen-14B]] n_prompts=200 device=cuda '
+            'dtype=bfloat16"') in cmd
+
+
+def test_expected_time_scales_forward_flops_and_reductions():
+    from ctr.chapters import adapt_paper as AP
+
+    small, big = paper.config("Qwen2.5-3B"), paper.config("Qwen2.5-14B")
+    # T = 1024: no reduction share; the forward scales by the FLOP ratio over the speed-ups
+    r = AP.flops_per_token(big, 1024) / AP.flops_per_token(small, 1024)
+    fast, slow = AP.expected_seconds(100.0, [small], [big], 1024)
+    assert fast == pytest.approx(100 * r / 500) and slow == pytest.approx(100 * r / 100)
+    # T = 150: 22% of the time is per-head reductions, scaled by layers x heads x head dim
+    hd = (48 * 40 * 128) / (36 * 16 * 128)
+    fast, slow = AP.expected_seconds(100.0, [small], [small], 150)
+    assert fast == pytest.approx(78 / 500 + 22) and slow == pytest.approx(78 / 100 + 22)
+    assert AP.expected_seconds(100.0, [small], [big], 150)[0] > 22 * hd
+    # 2 P' + 4 L T H D, P' without the (tied) embedding
+    P = paper.n_params(small) - 151936 * 2048
+    assert AP.flops_per_token(small, 150) == 2 * P + 4 * 36 * 150 * 16 * 128
+
+
+def test_memory_table_on_a_24_gb_machine():
+    from ctr.chapters import adapt_paper as AP
+
+    t = AP.memory_table(cpu_free=24 * GiB).set_index(["model", "dtype"])
+    cpu = [c for c in t.columns if c.startswith("CPU here")][0]
+    assert t.loc[("Llama-3.1-8B", "float32"), cpu].endswith("refused")
+    assert t.loc[("Llama-3.1-8B", "bfloat16"), cpu].endswith("fits")
+    assert t.loc[("Llama-3.1-8B", "bfloat16"), "80 GB GPU"].endswith("fits")
+    assert t.loc[("Qwen2.5-14B", "float32"), "40 GB GPU"].endswith("refused")

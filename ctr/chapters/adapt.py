@@ -115,6 +115,22 @@ def bos_compare(model: models.Model, texts: list[str], max_tokens: int = 150, ep
     return rows
 
 
+def bos_rows(bos: pd.DataFrame) -> pd.DataFrame:
+    """The BOS table as shown: one row per (model, what is prepended), shares with intervals."""
+    def fmt(r):
+        lo, hi = r["pos0_interval"]
+        at0 = r["share_sinks_at_0"]
+        return {"model": r["model"], "prepended": r["prepended"],
+                "ctr's policy": "yes" if r["policy"] else "",
+                "position 0 a sink (share of heads)": f"{r['pos0_share']:.3f} [{lo:.3f}, {hi:.3f}]",
+                "position 1 a sink": f"{r['pos1_share']:.3f}",
+                "sinks per head": f"{r['sinks_per_head']:.2f}",
+                "heads without a sink": f"{r['share_heads_no_sink']:.3f}",
+                "most frequent sink positions": ", ".join(map(str, r["top_positions"])),
+                "sinks at position 0": f"{at0:.3f}" if at0 is not None else "-"}
+    return pd.DataFrame([fmt(r) for r in bos.to_dict("records")]).set_index(["model", "prepended"])
+
+
 def agrees(row: dict) -> bool:
     """The measurement supports a policy when position 0 is the most frequent sink position."""
     return row["top_position"] == 0

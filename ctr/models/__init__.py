@@ -94,7 +94,7 @@ def _auto_map(hf) -> dict:
     from .. import arch as _arch
 
     devices = list(range(torch.cuda.device_count())) or ["cpu"]
-    layers_path, layers = _arch._layer_list(hf)
+    layers_path, layers = _arch.layer_list(hf)
     dm = {}
     for n, _ in hf.named_children():
         dm[n] = devices[0]

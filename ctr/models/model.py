@@ -169,9 +169,10 @@ class Model:
 
     @property
     def placement(self) -> str:
-        """"cpu", "cuda:0", or the devices of a device map ("cuda:0-1 (device map)")."""
+        """"cpu", "cuda:0", or the devices of a device map ("cuda:0, cuda:1 (device map)")."""
         dm = getattr(self.hf, "hf_device_map", None)
-        devs = sorted({str(d) for d in dm.values()}) if dm else []
+        devs = sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in dm.values()}) \
+            if dm else []
         if len(devs) > 1:
             return f"{', '.join(devs)} (device map)"
         return str(self.device)
