@@ -72,6 +72,15 @@ def test_bfloat16_activations_are_reduced_in_float32():
     assert theta.dtype == torch.float32
 
 
+def test_a_record_moved_to_the_cpu_is_float32_and_unchanged():
+    m = M.load("tiny-random-qwen2", dtype="bfloat16")
+    for rec in extract.layers(m, TEXTS):
+        c = rec.cpu()
+        assert c.A.dtype == c.V.dtype == c.head_out.dtype == c.resid_out.dtype == torch.float32
+        assert c.A.device.type == "cpu" and torch.equal(c.A, rec.A.float())
+        assert torch.equal(c.head_out, rec.head_out.float()) and c.lengths == rec.lengths
+
+
 def test_loss_and_logits_come_back_in_float32_on_the_cpu():
     m = M.load("tiny-random-llama", dtype="bfloat16")
     r = extract.run(m, TEXTS, positions="last")

@@ -33,6 +33,15 @@ class LayerRecord:
                            self.head_out[b:b + 1, :n], self.resid_in[b:b + 1, :n], out,
                            self.window, [n])
 
+    def cpu(self) -> "LayerRecord":
+        """This record on the CPU in float32 (A, V, head outputs, residuals), for code that writes
+        into CPU arrays or numpy. Costs one copy of the layer's A (B x H x T x T floats); the
+        sink scores are cheaper on the model's device (``definitions.alpha`` reads any dtype)."""
+        def f(x):
+            return None if x is None else x.detach().to("cpu", torch.float32)
+        return LayerRecord(self.layer, f(self.A), f(self.V), f(self.head_out), f(self.resid_in),
+                           f(self.resid_out), self.window, self.lengths)
+
     def from_values(self, V: torch.Tensor) -> torch.Tensor:
         """Per-head outputs (B, T, H, D) the attention call computes from values V (B, H, T, D)."""
         return torch.matmul(self.A, V.to(self.A.dtype)).transpose(1, 2).contiguous()
