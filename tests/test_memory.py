@@ -79,6 +79,16 @@ def test_refusal_when_nothing_fits_says_so():
     assert "No dtype fits on any device here" in msg and "check_memory=False" in msg
 
 
+def test_auto_without_a_gpu_is_planned_on_the_cpu():
+    here = {"cpu": 24 * GiB, "cuda": []}
+    auto = M.plan("Qwen2.5-3B", "auto", "bfloat16", T=150, available=here)
+    cpu = M.plan("Qwen2.5-3B", "cpu", "bfloat16", T=150, available=here)
+    assert auto.device == "cpu" and auto.fits and auto.need == cpu.need
+    two = M.plan("Qwen2.5-14B", "auto", "bfloat16", T=150,
+                 available={"cpu": 24 * GiB, "cuda": [24 * GiB, 24 * GiB]})
+    assert two.fits and two.free == 48 * GiB          # the map spreads the layers over both
+
+
 def test_attention_grows_with_t_squared_and_batch():
     cfg = paper.config("Qwen2.5-7B")
     a = memory.need(cfg, "cuda", "bfloat16", T=512, batch=1).attention

@@ -6,7 +6,7 @@ work (dtype, device, T tokens, batch of B prompts), how much is free, and what w
 dtype/device would fit. ``ctr.models.load`` calls it before loading (``check_memory=False`` skips).
 
 The estimate, in bytes (s = bytes per element of the dtype; P parameters, counted exactly on
-the meta device from the config; H query heads, L layers, D head dim, d model width, F MLP width):
+the meta device from the config; H query heads, D head dim, d model width, F MLP width):
 
 - weights: P * s.
 - load transient (CPU only): a checkpoint stored in another dtype is read whole before it is cast
@@ -89,8 +89,7 @@ def need(config, device: str = "cpu", dtype: str = "float32", T: int = 1, batch:
     """The estimate (module docstring) for a model config; nothing is loaded."""
     s = _bytes(dtype)
     P = paper.n_params(config)
-    H, L = _arch.n_heads(config), _arch.n_layers(config)
-    D, d = _arch.head_dim(config), _arch.d_model(config)
+    H, D, d = _arch.n_heads(config), _arch.head_dim(config), _arch.d_model(config)
     F = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
     V = getattr(config, "vocab_size", 0) or 0
     B = batch
@@ -106,7 +105,6 @@ def need(config, device: str = "cpu", dtype: str = "float32", T: int = 1, batch:
     if not gpu and stored is not None and stored != getattr(torch, dtype):
         transient = P * torch.empty(0, dtype=stored).element_size()
     runtime = n_gpus * RUNTIME_GPU if gpu else RUNTIME_CPU + TOKENIZER_PER_ENTRY * V
-    del L
     return Need(P * s, transient, attention, other, runtime)
 
 
@@ -203,6 +201,8 @@ def plan(model, device: str = "cpu", dtype: str = "float32", T: int | None = Non
     name = name or (model if isinstance(model, str) else getattr(config, "name_or_path", "") or
                     config.model_type)
     here = machine(available)
+    if device == "auto" and not here["cuda"]:
+        device = "cpu"                    # accelerate's map without a GPU: everything on the CPU
     n_gpus = len(here["cuda"]) if device == "auto" else 1
     T = T or 1
     mine = need(config, device, dtype, T, batch, logits, max(n_gpus, 1))
