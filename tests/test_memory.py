@@ -157,11 +157,14 @@ def test_paper_models_table_plans_each_chapter_on_one_gpu():
     assert row["fits"] == "40 GB GPU" and row["memory (largest model)"].startswith("30.")
     assert "(here: 100 s on the CPU)" in row["expected time"]
     assert "run the chapter here first" in df.set_index("chapter").loc["sinks", "expected time"]
-    cmd = AP.commands()
-    assert ('make chapter NAME=taxonomy ONLINE=1 PARAMS="pairs=[[meta-llama/Llama-3.1-8B,'
-            'deepseek-ai/DeepSeek-R1-Distill-Llama-8B],[Qwen/Qwen2.5-14B,'
-            'deepseek-ai/DeepSeek-R1-Distill-Qwen-14B]] n_prompts=200 device=cuda '
-            'dtype=bfloat16"') in cmd
+    cmd = AP.command(AP.RUNS[3])
+    assert cmd == ('make chapter NAME=taxonomy ONLINE=1 PARAMS="device=cuda dtype=bfloat16 '
+                   'pairs=[[meta-llama/Llama-3.1-8B,deepseek-ai/DeepSeek-R1-Distill-Llama-8B],'
+                   '[Qwen/Qwen2.5-14B,deepseek-ai/DeepSeek-R1-Distill-Qwen-14B]] n_prompts=200"')
+    shown = AP.commands()
+    assert max(map(len, shown.splitlines())) <= 79
+    # what the shell reads: backslash-newline removed (inside double quotes too)
+    assert cmd in shown.replace("\\\n", "")
 
 
 def test_expected_time_scales_forward_flops_and_reductions():
