@@ -45,32 +45,34 @@ def layer_summary(A: torch.Tensor | None, V: torch.Tensor, O: torch.Tensor, wind
     False) and the sqrt(k/D) expectation. Random draws are made prompt by prompt, in order, as
     (H, D, K_g) with K_g the prompt's most sinks in a head, so G prompts at once draw exactly
     what G calls of one prompt would; ``generator`` may also be a list, one per prompt.
-    ``A`` may be None when ``alpha`` is given (it is read only for the sink scores).
+    ``A`` may be None when ``alpha`` is given (it is read only for the sink scores). Results are on
+    V's device; the random draws are made on the CPU (the same numbers on every device).
     """
     lead, T, Dh = V.shape[:-2], V.shape[-2], V.shape[-1]
+    dev = V.device
     G = lead[0] if len(lead) == 2 else 1
     V, O = V.reshape(-1, T, Dh), O.reshape(-1, T, Dh)                          # (G*H, ...)
     GH = V.shape[0]
-    a = (D.alpha(A, window, min_queries) if alpha is None else alpha).reshape(GH, T)
+    a = (D.alpha(A, window, min_queries) if alpha is None else alpha).reshape(GH, T).to(dev)
     S = D.sinks(a, eps)
     k = S.sum(-1)
     K = int(k.max()) if GH else 0
     out = {"alpha": a.reshape(*lead, T), "S": S.reshape(*lead, T), "n_sinks": k.reshape(lead)}
-    nan = torch.full(lead, float("nan"), dtype=torch.float64)
+    nan = torch.full(lead, float("nan"), dtype=torch.float64, device=dev)
     if K == 0:
         out.update(ve=nan, ve_sq=nan, ve_random=nan, ve_expected=nan)
         return out
     # Pad each head's sink values to K rows (zeros add nothing to the span).
     order = torch.argsort((~S).to(torch.int8), dim=-1, stable=True)[:, :K]   # sink positions first
     Vs = torch.gather(V, 1, order.unsqueeze(-1).expand(GH, K, Dh))
-    cols = torch.arange(K).unsqueeze(0) < k.unsqueeze(1)                      # (G*H, K)
+    cols = torch.arange(K, device=dev).unsqueeze(0) < k.unsqueeze(1)          # (G*H, K)
     Vs = Vs * cols.unsqueeze(-1).to(V.dtype)
     U = _basis_batched(Vs, k)
     O64 = O.to(torch.float64)
     den = torch.linalg.norm(O64, dim=(-2, -1))
     ve = torch.linalg.norm(O64 @ U, dim=(-2, -1)) / den
     has = k > 0
-    rnd = torch.full((GH,), float("nan"), dtype=torch.float64)
+    rnd = torch.full((GH,), float("nan"), dtype=torch.float64, device=dev)
     if random:
         # The first k_h columns of a random orthonormal frame are a random k_h-space.
         H = GH // G
@@ -81,7 +83,7 @@ def layer_summary(A: torch.Tensor | None, V: torch.Tensor, O: torch.Tensor, wind
             for d in range(4 if Kg[g] else 0):
                 Gm[g, d, :, :, :Kg[g]] = torch.randn(H, Dh, Kg[g], generator=gens[g],
                                                      dtype=torch.float64)
-        Q, _ = torch.linalg.qr(Gm)                               # (G, 4, H, D, min(D, K))
+        Q, _ = torch.linalg.qr(Gm.to(dev))                       # (G, 4, H, D, min(D, K))
         # more sinks than dimensions (k > D): the subspace is the whole space, all D columns
         Q = Q * cols.view(G, 1, H, 1, K)[..., :Q.shape[-1]].to(Q.dtype)
         num = torch.linalg.norm(O64.view(G, 1, H, T, Dh) @ Q, dim=(-2, -1))   # (G, 4, H)
