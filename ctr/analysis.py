@@ -4,6 +4,11 @@
 their positions and token strings, and the variance explained (VE) by their tags, with the
 random-subspace baseline. The definitions it applies live in ``ctr.definitions``; this module
 only vectorises them over heads and drives the extraction.
+
+Devices and dtypes: the sink scores are computed where the model runs (GPU or CPU), accumulated in
+float32 from A in the model's dtype; only they, V and the head outputs (H x T x D per prompt,
+never A) go to the CPU in float32, where the tag bases, VE and the random baseline are computed in
+float64 with CPU generators, so the random draws are the same on every device.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ def _basis_batched(Vs: torch.Tensor, k: torch.Tensor, rtol: float = 1e-6) -> tor
     return U * keep.unsqueeze(-2)
 
 
-def layer_summary(A: torch.Tensor, V: torch.Tensor, O: torch.Tensor, window: int | None,
+def layer_summary(A: torch.Tensor | None, V: torch.Tensor, O: torch.Tensor, window: int | None,
                   eps: float, min_queries: int, generator: torch.Generator | None = None,
                   alpha: torch.Tensor | None = None, random: bool = True) -> dict[str, torch.Tensor]:
     """Sinks and VE for every head of one layer, of one prompt or of G prompts of equal length.
@@ -40,31 +45,34 @@ def layer_summary(A: torch.Tensor, V: torch.Tensor, O: torch.Tensor, window: int
     False) and the sqrt(k/D) expectation. Random draws are made prompt by prompt, in order, as
     (H, D, K_g) with K_g the prompt's most sinks in a head, so G prompts at once draw exactly
     what G calls of one prompt would; ``generator`` may also be a list, one per prompt.
+    ``A`` may be None when ``alpha`` is given (it is read only for the sink scores). Results are on
+    V's device; the random draws are made on the CPU (the same numbers on every device).
     """
-    lead, T, Dh = A.shape[:-2], A.shape[-1], V.shape[-1]
+    lead, T, Dh = V.shape[:-2], V.shape[-2], V.shape[-1]
+    dev = V.device
     G = lead[0] if len(lead) == 2 else 1
-    A, V, O = A.reshape(-1, T, T), V.reshape(-1, T, Dh), O.reshape(-1, T, Dh)   # (G*H, ...)
-    GH = A.shape[0]
-    a = (D.alpha(A, window, min_queries) if alpha is None else alpha).reshape(GH, T)
+    V, O = V.reshape(-1, T, Dh), O.reshape(-1, T, Dh)                          # (G*H, ...)
+    GH = V.shape[0]
+    a = (D.alpha(A, window, min_queries) if alpha is None else alpha).reshape(GH, T).to(dev)
     S = D.sinks(a, eps)
     k = S.sum(-1)
     K = int(k.max()) if GH else 0
     out = {"alpha": a.reshape(*lead, T), "S": S.reshape(*lead, T), "n_sinks": k.reshape(lead)}
-    nan = torch.full(lead, float("nan"), dtype=torch.float64)
+    nan = torch.full(lead, float("nan"), dtype=torch.float64, device=dev)
     if K == 0:
         out.update(ve=nan, ve_sq=nan, ve_random=nan, ve_expected=nan)
         return out
     # Pad each head's sink values to K rows (zeros add nothing to the span).
     order = torch.argsort((~S).to(torch.int8), dim=-1, stable=True)[:, :K]   # sink positions first
     Vs = torch.gather(V, 1, order.unsqueeze(-1).expand(GH, K, Dh))
-    cols = torch.arange(K).unsqueeze(0) < k.unsqueeze(1)                      # (G*H, K)
+    cols = torch.arange(K, device=dev).unsqueeze(0) < k.unsqueeze(1)          # (G*H, K)
     Vs = Vs * cols.unsqueeze(-1).to(V.dtype)
     U = _basis_batched(Vs, k)
     O64 = O.to(torch.float64)
     den = torch.linalg.norm(O64, dim=(-2, -1))
     ve = torch.linalg.norm(O64 @ U, dim=(-2, -1)) / den
     has = k > 0
-    rnd = torch.full((GH,), float("nan"), dtype=torch.float64)
+    rnd = torch.full((GH,), float("nan"), dtype=torch.float64, device=dev)
     if random:
         # The first k_h columns of a random orthonormal frame are a random k_h-space.
         H = GH // G
@@ -75,13 +83,14 @@ def layer_summary(A: torch.Tensor, V: torch.Tensor, O: torch.Tensor, window: int
             for d in range(4 if Kg[g] else 0):
                 Gm[g, d, :, :, :Kg[g]] = torch.randn(H, Dh, Kg[g], generator=gens[g],
                                                      dtype=torch.float64)
-        Q, _ = torch.linalg.qr(Gm)                                            # (G, 4, H, D, K)
-        Q = Q * cols.view(G, 1, H, 1, K).to(Q.dtype)
+        Q, _ = torch.linalg.qr(Gm.to(dev))                       # (G, 4, H, D, min(D, K))
+        # more sinks than dimensions (k > D): the subspace is the whole space, all D columns
+        Q = Q * cols.view(G, 1, H, 1, K)[..., :Q.shape[-1]].to(Q.dtype)
         num = torch.linalg.norm(O64.view(G, 1, H, T, Dh) @ Q, dim=(-2, -1))   # (G, 4, H)
         rnd = (num / den.view(G, 1, H)).mean(1).reshape(GH)
     out.update(ve=_where(has, ve, lead), ve_sq=_where(has, ve * ve, lead),
                ve_random=_where(has, rnd, lead),
-               ve_expected=_where(has, (k.to(torch.float64) / Dh).sqrt(), lead))
+               ve_expected=_where(has, (k.clamp(max=Dh).to(torch.float64) / Dh).sqrt(), lead))
     return out
 
 
@@ -144,14 +153,15 @@ def heads(model: Model, prompts, eps: float | Sequence[float] = D.EPS, min_queri
             with extract.one_thread():
                 for n, bs in groups.items():
                     whole = len(groups) == 1           # no padding: no copy of A
-                    A = (rec.A if whole else rec.A[bs, :, :n, :n]).float()
-                    V = (rec.V if whole else rec.V[bs, :, :n]).float()
-                    O = (rec.head_out if whole else rec.head_out[bs, :n]).transpose(1, 2).float()
-                    a = D.alpha(A, rec.window, min_queries)
+                    A = rec.A if whole else rec.A[bs, :, :n, :n]
+                    a = D.alpha(A, rec.window, min_queries).cpu()      # float32, on the device
+                    V = (rec.V if whole else rec.V[bs, :, :n]).float().cpu()
+                    O = (rec.head_out if whole else rec.head_out[bs, :n]).transpose(1, 2)
+                    O = O.float().cpu()
                     for e in eps_list:
                         rnd = e == random_at
                         gens = [gen(idx[b], rec.layer) for b in bs] if rnd else None
-                        s = layer_summary(A, V, O, rec.window, e, min_queries, gens, alpha=a,
+                        s = layer_summary(None, V, O, rec.window, e, min_queries, gens, alpha=a,
                                           random=rnd)
                         for g, b in enumerate(bs):
                             out[b, e] = _rows(model.name, idx[b], rec.layer, e, n,

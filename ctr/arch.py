@@ -181,7 +181,8 @@ def _calls_attention(module) -> bool:
         return False
 
 
-def _layer_list(hf) -> tuple[str, torch.nn.ModuleList]:
+def layer_list(hf) -> tuple[str, torch.nn.ModuleList]:
+    """(path, the ModuleList of decoder layers) of a transformers model (see the module doc)."""
     L = n_layers(hf.config)
     base = getattr(hf, "base_model_prefix", "") or ""
     found = [(n, m) for n, m in hf.named_modules()
@@ -267,7 +268,7 @@ def discover(lm) -> Arch:
     config = hf.config
     mt = config.model_type
     refuse_by_config(config)
-    layers_path, layers = _layer_list(hf)
+    layers_path, layers = layer_list(hf)
     attn = _attention_path(layers, mt)
     envoy = getpath(getpath(lm, layers_path)[0], attn)
     call = attention_call(envoy)

@@ -1,7 +1,7 @@
 """Benchmark: the full per-head analysis against a bare transformers eager forward, in one run.
 
     python -m ctr.bench [--model smollm2-135m] [--cases 1x150 8x150 1x1024] [--repeats 3]
-                        [--threads N]
+                        [--threads N] [--device cpu] [--dtype float32]
 
 Each case is B prompts of T tokens (IMDB reviews, truncated to T tokens, all of length T). The
 same batch goes through (a) ``model.hf(input_ids, attention_mask)`` with eager attention,
@@ -59,10 +59,21 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
-def peak(fn) -> tuple[int, int]:
-    with PeakRSS() as m:
-        fn()
-    return m.peak, m.peak - m.base
+def peak(fn, gpu: bool = False) -> tuple[int, int]:
+    """(peak, peak - before) in bytes: the process's resident set, or with ``gpu`` the memory
+    torch allocated on every GPU (its own counters; the weights are in "before")."""
+    if not gpu:
+        with PeakRSS() as m:
+            fn()
+        return m.peak, m.peak - m.base
+    import torch
+    ids = range(torch.cuda.device_count())
+    for i in ids:
+        torch.cuda.reset_peak_memory_stats(i)
+    base = sum(torch.cuda.memory_allocated(i) for i in ids)
+    fn()
+    top = sum(torch.cuda.max_memory_allocated(i) for i in ids)
+    return top, top - base
 
 
 def _case(s: str) -> tuple[int, int]:
@@ -79,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=_case, nargs="+", default=[(1, 150), (8, 150), (1, 1024)],
                    help="BxT: B prompts of T tokens")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help='"cpu", "cuda", "auto" (every GPU)')
+    p.add_argument("--dtype", default="float32", help='"float32", "bfloat16"')
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's); 1 is steadier on a shared machine")
     args = p.parse_args(argv)
@@ -90,11 +103,12 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
-    m = models.load(args.model)
+    m = models.load(args.model, device=args.device, dtype=args.dtype,
+                    T=max(t for _, t in args.cases), batch=max(b for b, _ in args.cases))
     decoder = arch.getpath(m.hf, arch.arch_of(m.config).layers.rsplit(".", 1)[0])
     B_max, T_max = max(b for b, _ in args.cases), max(t for _, t in args.cases)
     pool = data.long_texts(B_max, min_words=2 * T_max, seed=0)
-    print(f"model {args.model}; torch threads {torch.get_num_threads()}; "
+    print(f"model {args.model} ({args.dtype} on {m.placement}); torch threads {torch.get_num_threads()}; "
           f"{psutil.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; "
           f"repeats {args.repeats} (+1 warm-up)")
 
@@ -107,11 +121,13 @@ def main(argv=None) -> int:
 
         def bare(batch=batch):
             with torch.inference_mode():
-                m.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                m.hf(input_ids=batch.input_ids.to(m.device),
+                     attention_mask=batch.attention_mask.to(m.device))
 
         def base(batch=batch):
             with torch.inference_mode():
-                decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                decoder(input_ids=batch.input_ids.to(m.device),
+                        attention_mask=batch.attention_mask.to(m.device))
 
         def ctr(texts=texts, T=T, B=B):
             analysis.heads(m, texts, max_tokens=T, batch_size=B, progress=False)
@@ -125,11 +141,14 @@ def main(argv=None) -> int:
                 dt = timed(fn)
                 if i:                      # the first round is the warm-up
                     res[c, name].append(dt)
-    mem = {(c, name): peak(fn) for c, fns in runs.items() for name, fn in fns.items()}
+    gpu = args.device != "cpu" and torch.cuda.is_available()
+    mem = {(c, name): peak(fn, gpu) for c, fns in runs.items() for name, fn in fns.items()}
+    where = "GPU" if gpu else "RSS"
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     print()
     print("| B x T | HF forward s | decoder only s | ctr analysis s | time ratio vs forward "
-          "| vs decoder | CPU ratio vs forward | vs decoder | HF peak RSS MB | ctr peak RSS MB "
+          f"| vs decoder | CPU ratio vs forward | vs decoder | HF peak {where} MB "
+          f"| ctr peak {where} MB "
           "| peak ratio | HF extra MB | ctr extra MB | extra ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     mb = 1 / 2**20

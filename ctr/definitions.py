@@ -16,6 +16,12 @@ Sinks: S = {t : alpha_t > eps}, eps = 0.2.   Tags: the value vectors v_s, s in S
 Split:  z_tag(t) = sum_{k in S} A[t,k] V[k],  z_notag(t) = sum_{k not in S} A[t,k] V[k].
 Variance explained:  VE = ||A V U U^T||_F / ||A V||_F,  U an orthonormal basis of span{v_s}.
 Mass-mean probe: theta = mu_true - mu_false; predict true iff theta.x > theta.(mu_true+mu_false)/2.
+
+Precision: a model run in bfloat16 (8 significant bits) gives A, V and head outputs in bfloat16.
+Every reduction here is done in float32 or wider whatever the input's dtype: alpha sums A over
+queries in float32 (a bfloat16 sum of 1,000 terms keeps about 3 significant digits, and eps = 0.2
+is a sharp threshold); z_tag / z_notag are computed in float32; tag bases and VE in float64; the
+mass-mean probe's means and scores in float32. Results stay on the input's device.
 """
 from __future__ import annotations
 
@@ -24,6 +30,11 @@ import math
 import torch
 
 EPS = 0.2
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision inputs; float32 or float64 inputs keep their dtype."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def visible_queries(T: int, window: int | None = None) -> torch.Tensor:
@@ -60,7 +71,8 @@ def alpha(A: torch.Tensor, window: int | None = None, min_queries: int = 1) -> t
     check_min_queries(min_queries)
     T = A.shape[-1]
     n = visible_queries(T, window).to(A.device)
-    a = A.sum(dim=-2) / n.to(A.dtype)
+    dt = _wide(A.dtype)
+    a = A.sum(dim=-2, dtype=dt) / n.to(dt)          # accumulated in float32: no copy of A
     return a.masked_fill(n < min_queries, float("nan"))
 
 
@@ -76,13 +88,15 @@ def tags(V: torch.Tensor, S: torch.Tensor) -> list[torch.Tensor]:
 
 
 def z_tag(A: torch.Tensor, V: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """(..., T, D): the part of each head output that comes from the sinks."""
-    return (A * S.unsqueeze(-2).to(A.dtype)) @ V
+    """(..., T, D): the part of each head output that comes from the sinks (in float32 or wider)."""
+    dt = _wide(A.dtype)
+    return (A.to(dt) * S.unsqueeze(-2).to(dt)) @ V.to(dt)
 
 
 def z_notag(A: torch.Tensor, V: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     """(..., T, D): the part that comes from every other key. z_tag + z_notag = A V."""
-    return (A * (~S).unsqueeze(-2).to(A.dtype)) @ V
+    dt = _wide(A.dtype)
+    return (A.to(dt) * (~S).unsqueeze(-2).to(dt)) @ V.to(dt)
 
 
 def split(A, V, S):
@@ -95,7 +109,7 @@ def basis(vectors: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
         return vectors.new_zeros((vectors.shape[-1], 0))
     U, s, _ = torch.linalg.svd(vectors.T.to(torch.float64), full_matrices=False)
     r = int((s > rtol * s.max()).sum()) if s.numel() and s.max() > 0 else 0
-    return U[:, :r].to(vectors.dtype)
+    return U[:, :r].to(_wide(vectors.dtype))
 
 
 def variance_explained(O: torch.Tensor, U: torch.Tensor, squared: bool = False) -> float:
@@ -138,7 +152,7 @@ def random_subspace_expectation(k: int, D: int) -> float:
 
 def mass_mean_fit(X: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
     """theta = mu_true - mu_false and the midpoint threshold theta.(mu_true + mu_false)/2."""
-    y = y.bool()
+    y, X = y.bool(), X.to(_wide(X.dtype))
     if y.all() or (~y).all():
         raise ValueError("mass-mean probe needs both classes in the training split")
     mu_t, mu_f = X[y].mean(0), X[~y].mean(0)
@@ -147,7 +161,7 @@ def mass_mean_fit(X: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float
 
 
 def mass_mean_predict(X: torch.Tensor, theta: torch.Tensor, threshold: float) -> torch.Tensor:
-    return (X @ theta) > threshold
+    return (X.to(theta.dtype) @ theta) > threshold
 
 
 def mass_mean_accuracy(X_train, y_train, X_test, y_test) -> float:

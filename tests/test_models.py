@@ -50,8 +50,36 @@ def test_empty_prompt_list_and_empty_prompt():
 
 
 def test_offline_unknown_hub_id_is_a_clear_error():   # conftest sets HF_HUB_OFFLINE=1
-    with pytest.raises(models.ModelError, match="could not load 'nobody/nothing-here'"):
+    with pytest.raises(models.ModelError, match="could not load 'nobody/nothing-here'") as e:
         models.load("nobody/nothing-here")
+    assert "HF_HUB_OFFLINE=1" in str(e.value)
+    assert "go online: HF_HUB_OFFLINE=0 make chapter NAME=" in str(e.value)   # how to go online
+    assert "ONLINE=1" in str(e.value)
+
+
+_SEES = ("from ctr.book import runner; runner.prepare_env(); import os; "
+         "os.environ.setdefault('HF_HUB_OFFLINE', '1'); "          # what every notebook does
+         "from huggingface_hub import constants; "
+         "print(os.environ['HF_HUB_OFFLINE'], int(constants.HF_HUB_OFFLINE))")
+
+
+@pytest.mark.parametrize("env,args,expected", [({"HF_HUB_OFFLINE": "0"}, [], "0 0"),
+                                               ({}, [], "1 1"),
+                                               ({"HF_HUB_OFFLINE": "1"}, ["ONLINE=1"], "0 0")])
+def test_the_users_hf_hub_offline_reaches_the_chapter(env, args, expected):
+    """make exports the user's HF_HUB_OFFLINE (or the ONLINE=1 switch) and the runner and the
+    notebook keep it; unset, the book is offline. The probe recipe runs what a chapter's kernel
+    sees: make's environment, the runner's prepare_env, the notebook's setdefault."""
+    import os
+    from pathlib import Path
+
+    root = Path(models.__file__).resolve().parents[2]
+    base = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    probe = f'probe: ; @{sys.executable} -c "{_SEES}"'
+    out = subprocess.run(["make", "-s", "-C", str(root), "--eval", probe, "probe", *args],
+                         env={**base, **env}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == expected
 
 
 # --- model facts ------------------------------------------------------------------------------

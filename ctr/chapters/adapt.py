@@ -77,9 +77,9 @@ def sink_positions(model: models.Model, texts: list[str], max_tokens: int = 150,
             idx = list(range(start, min(start + batch_size, P)))
             for rec in extract.layers(model, batch.select(idx)):
                 for b, p in enumerate(idx):
-                    A = rec.prompt(b).A[0, :, :T, :T].float()            # (H, T, T)
-                    a = D.alpha(A, rec.window, min_queries)                # (H, T)
-                    S[p, rec.layer] = D.sinks(a, eps).numpy()
+                    A = rec.prompt(b).A[0, :, :T, :T]                    # (H, T, T)
+                    a = D.alpha(A, rec.window, min_queries)                # (H, T) float32
+                    S[p, rec.layer] = D.sinks(a, eps).cpu().numpy()
     return {"S": S, "first_token": [t[0] for t in batch.tokens], "T": T}
 
 
@@ -115,17 +115,35 @@ def bos_compare(model: models.Model, texts: list[str], max_tokens: int = 150, ep
     return rows
 
 
+def bos_rows(bos: pd.DataFrame) -> pd.DataFrame:
+    """The BOS table as shown: one row per (model, what is prepended), shares with intervals."""
+    def fmt(r):
+        lo, hi = r["pos0_interval"]
+        at0 = r["share_sinks_at_0"]
+        return {"model": r["model"], "prepended": r["prepended"],
+                "ctr's policy": "yes" if r["policy"] else "",
+                "position 0 a sink (share of heads)": f"{r['pos0_share']:.3f} [{lo:.3f}, {hi:.3f}]",
+                "position 1 a sink": f"{r['pos1_share']:.3f}",
+                "sinks per head": f"{r['sinks_per_head']:.2f}",
+                "heads without a sink": f"{r['share_heads_no_sink']:.3f}",
+                "most frequent sink positions": ", ".join(map(str, r["top_positions"])),
+                "sinks at position 0": f"{at0:.3f}" if at0 is not None else "-"}
+    return pd.DataFrame([fmt(r) for r in bos.to_dict("records")]).set_index(["model", "prepended"])
+
+
 def agrees(row: dict) -> bool:
     """The measurement supports a policy when position 0 is the most frequent sink position."""
     return row["top_position"] == 0
 
 
 def bos_table(names, texts: list[str], max_tokens: int = 150, eps: float = D.EPS,
-              min_queries: int = 16) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """For every model: its policy (``info``) and ``bos_compare`` rows, loading one at a time."""
+              min_queries: int = 16, device: str = "cpu",
+              dtype: str = "float32") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """For every model: its policy (``info``) and ``bos_compare`` rows, loading one at a time
+    (on ``device`` in ``dtype``, after the memory plan for 8 prompts of ``max_tokens``)."""
     policy, rows = [], []
     for name in names:
-        m = models.load(name)
+        m = models.load(name, device=device, dtype=dtype, T=max_tokens, batch=8)
         policy.append({"model": name, "architecture": m.architecture,
                        "tokenizer adds BOS": models.tokenizer_adds_bos(m.tokenizer),
                        "BOS policy": m.bos_policy})

@@ -55,8 +55,10 @@ def _loss(model: Model, hidden, ids, lengths, mask, rows: int | None) -> torch.T
     rows = rows or max(1, 2 ** 25 // lm_head.weight.shape[0])   # 128 MB of logits at a time
     for i in range(0, len(b), rows):
         bi, ti = b[i:i + rows], t[i:i + rows]
-        z = post(lm_head(hidden[bi, ti])).float()
-        out[bi, ti] = torch.nn.functional.cross_entropy(z, ids[bi, ti + 1], reduction="none")
+        # float32 logits whatever the model's dtype: the loss is a difference of large numbers
+        z = post(lm_head(hidden[bi.to(hidden.device), ti.to(hidden.device)])).float()
+        ce = torch.nn.functional.cross_entropy(z, ids[bi, ti + 1].to(z.device), reduction="none")
+        out[bi, ti] = ce.cpu()
     return out
 
 
@@ -121,14 +123,17 @@ def run(model: Model, prompts, *, edits: Mapping[int, Edit] | None = None,
                        loss if isinstance(loss, torch.Tensor) else None, chunk_rows)
     if pos is None:
         logits = None
-    elif vocab is not None:
-        logits = logits[..., torch.as_tensor(vocab)]
+    else:
+        if vocab is not None:
+            logits = logits[..., torch.as_tensor(vocab, device=logits.device)]
+        logits = logits.float().cpu()        # float32 on the CPU, whatever the model's dtype
     return Run(ce, logits, resid, batch.lengths)
 
 
 def _check_head(model, hidden, logits, pos):
     """Our chunked head must give the model's own logits (where the model computed them)."""
-    h = hidden[:, -1:] if pos is None else torch.take_along_dim(hidden, pos[..., None], dim=1)
+    h = hidden[:, -1:] if pos is None else \
+        torch.take_along_dim(hidden, pos[..., None].to(hidden.device), dim=1)
     ours = _postprocess(model.config)(model.hf.get_output_embeddings()(h))
     tol = 1e-4 * max(1.0, float(logits.abs().max()))
     if not torch.allclose(ours, logits, atol=tol, rtol=1e-4):

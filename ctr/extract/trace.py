@@ -33,6 +33,15 @@ class LayerRecord:
                            self.head_out[b:b + 1, :n], self.resid_in[b:b + 1, :n], out,
                            self.window, [n])
 
+    def cpu(self) -> "LayerRecord":
+        """This record on the CPU in float32 (A, V, head outputs, residuals), for code that writes
+        into CPU arrays or numpy. Costs one copy of the layer's A (B x H x T x T floats); the
+        sink scores are cheaper on the model's device (``definitions.alpha`` reads any dtype)."""
+        def f(x):
+            return None if x is None else x.detach().to("cpu", torch.float32)
+        return LayerRecord(self.layer, f(self.A), f(self.V), f(self.head_out), f(self.resid_in),
+                           f(self.resid_out), self.window, self.lengths)
+
     def from_values(self, V: torch.Tensor) -> torch.Tensor:
         """Per-head outputs (B, T, H, D) the attention call computes from values V (B, H, T, D)."""
         return torch.matmul(self.A, V.to(self.A.dtype)).transpose(1, 2).contiguous()
@@ -83,6 +92,12 @@ def _trace(model: Model, inputs: dict, emit, *, edits: Mapping[int, Edit] | None
     last, first = len(envoys) - 1, (start[0] if start else 0)
     edits = edits or {}
     box = {}
+    # Inputs go where the model reads them (the first device of a device map; accelerate's hooks
+    # move activations between the layers' devices). Records stay on the layer's device.
+    dev = model.device
+    inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    if start is not None:
+        start = (start[0], start[1].to(dev))
     with model.lm.trace(inputs, use_cache=kw.pop("use_cache", False), **kw):
         for l, layer in enumerate(envoys):   # modules must be read in forward order
             if l < first:
@@ -104,7 +119,7 @@ def _trace(model: Model, inputs: dict, emit, *, edits: Mapping[int, Edit] | None
                         raise ExtractionError(f"the edit of layer {l} returned shape "
                                               f"{tuple(new.shape)}; per-head outputs are "
                                               f"{tuple(out.shape)} (B, T, H, D)")
-                    out = new.to(out.dtype)
+                    out = new.to(device=out.device, dtype=out.dtype)
                     op.output = (out, A)
             resid_out = layer.output
             emit(l, resid_in, V, out, A, resid_out)

