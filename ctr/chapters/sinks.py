@@ -85,6 +85,7 @@ def scan(model: Model, texts: list[str], eps: float = D.EPS, min_queries: int = 
         idx = list(range(i, min(i + batch, len(texts))))
         scans = [SM.PromptScan(j, model.n_layers, eps, min_queries, depth) for j in idx]
         for rec in extract.layers(model, enc.select(idx)):
+            rec = rec.cpu()          # numpy below; a no-op for float32 on the CPU
             for b, s in enumerate(scans):
                 s.add(layer_of(model, rec, b))
         out += scans
@@ -160,7 +161,7 @@ def capture(model: Model, text: str, pick: Pick, depth: int = 3,
     deeper_layer = min(pick.layer + depth, model.n_layers - 1)
     got = {}
     for rec in extract.layers(model, batch):
-        r = rec.prompt(0)
+        r = rec.cpu().prompt(0)
         if r.layer == pick.layer:
             got.update(A=r.A[0, pick.head].float().cpu().clone(),
                        V=r.V[0, pick.head].float().cpu().clone(),
@@ -180,7 +181,7 @@ def pair_attention(model: Model, text: str, pair: list[Pick], min_queries: int,
     want = {(p.layer, p.head) for p in pair}
     A = {}
     for rec in extract.layers(model, model.encode([text], max_tokens=max_tokens)):
-        r = rec.prompt(0)
+        r = rec.cpu().prompt(0)
         for l, h in want:
             if l == r.layer:
                 A[l, h] = (r.A[0, h].float().cpu().clone(), r.window)

@@ -193,6 +193,7 @@ def run(model: Model, texts: list[str], max_tokens: int = 150, eps=EPS_SWEEP,
     for start in range(0, P, batch_size):
         idx = list(range(start, min(start + batch_size, P)))
         for rec_b in extract.layers(model, batch.select(idx)):
+            rec_b = rec_b.cpu()      # numpy below; a no-op for float32 on the CPU
             for b, p in enumerate(idx):
                 measure_layer(r, p, rec_b.prompt(b), ctx)
             bar.update(len(idx))

@@ -39,6 +39,10 @@ class LayerRecord:
         sink scores are cheaper on the model's device (``definitions.alpha`` reads any dtype)."""
         def f(x):
             return None if x is None else x.detach().to("cpu", torch.float32)
+        parts = [x for x in (self.A, self.V, self.head_out, self.resid_in, self.resid_out)
+                 if x is not None]
+        if all(x.device.type == "cpu" and x.dtype == torch.float32 for x in parts):
+            return self        # the book's own runs: no copy
         return LayerRecord(self.layer, f(self.A), f(self.V), f(self.head_out), f(self.resid_in),
                            f(self.resid_out), self.window, self.lengths)
 
