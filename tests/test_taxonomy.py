@@ -211,7 +211,8 @@ def test_base_sinks_claim_row_carries_the_rule_text_and_settings():
     assert rows[0]["settings"] == "eps 0.2, min_queries 32" and "note" not in rows[0]
     assert rows[1]["verdict"] == V.UNTESTABLE
     assert "4 token types" in rows[0]["ours"] and "82%" in rows[0]["paper"]
-    assert len(TV.verdict_blocks(rows)) == 4
+    blocks = TV.verdict_blocks(rows)
+    assert len(blocks) == 2 and "  - m: **reproduced**" in blocks[0].data
 
 
 def test_base_share_counts_only_non_first_instances_per_prompt():
@@ -268,3 +269,10 @@ def test_notebook_defines_no_function_and_has_device_and_dtype():
     assert all(len(line) <= 79 for c in shown for line in c.source.splitlines())
     figs = [c for c in nb.cells if c.metadata.get("mystnb", {}).get("figure")]
     assert [c.metadata["mystnb"]["figure"]["name"] for c in figs] == ["fig-taxonomy-kinds"]
+
+
+def test_stats_table_prints_counts_as_integers():
+    r = planted([[".", ",", " the"]] * 3)
+    t = taxonomy.stats_table({"a": r})
+    assert t.loc["sink instances", "a"] == "9" and t.loc["sinks per head", "a"] == "1.00"
+    assert t.loc["tokens read", "a"] == "120"

@@ -44,8 +44,8 @@ class Features:
     sink_mass: dict[int, torch.Tensor]       # (N, L, H) its attention on all its sinks
     tail_mass: dict[int, torch.Tensor]       # (N, L, H) ... on sinks in the tail (keys seen by
     #                                          fewer than guard_for(eps) queries)
-    first_norm: dict[int, torch.Tensor]      # (N, L, H) ||A[T,0] v_0|| when token 0 is a sink, else 0
-    rest_norm: dict[int, torch.Tensor]       # (N, L, H) ||z_tag - A[T,0] v_0||: the other sinks' part
+    first_norm: dict[int, torch.Tensor]      # (N, L, H) ||A[T,0] v_0|| if token 0 is a sink, else 0
+    rest_norm: dict[int, torch.Tensor]       # (N, L, H) ||z_tag - A[T,0] v_0||: other sinks' part
     other_sink: dict[int, torch.Tensor]      # (N, L, H) the final token attends to a sink other
     #                                          than token 0
     tokens: list[list[str]]

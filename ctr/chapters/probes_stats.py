@@ -5,8 +5,10 @@ low theta_no_tag on the training split, and reports that head's test accuracies.
 questions decide what such a number means, and this module answers them:
 
 - does the chosen head's theta_tag beat its own theta_no_tag on the same test prompts? An exact
-  McNemar test on the paired predictions (``ctr.stats.mcnemar``);
-- does the result depend on the split? Random 400/200 re-splits, the head re-selected on each;
+  McNemar test on the paired predictions (``ctr.stats.mcnemar``; the rules read its one-sided
+  ``p_greater``), and against theta_activation for Table 1's other comparison;
+- does the result depend on the split? Random 400/200 re-splits, the head re-selected on each,
+  each with its own McNemar test;
 - how much does picking the best of hundreds of heads give by itself? The whole select-then-test
   pipeline on labels shuffled within each split (the label-shuffle null). Selection inflates the
   chosen head's *training* accuracy; its test accuracy stays a fair draw around 50%.
@@ -169,7 +171,8 @@ def resplit_summary(rows: list[dict], main_head=None, alpha: float = 0.05) -> di
     ``n_pass`` theta_tag > theta_no_tag with one-sided McNemar p < alpha; ``n_tag_le_no_tag``
     theta_tag <= theta_no_tag, a re-split with no selectable head counted here too (there every
     head's training theta_tag is at most its theta_no_tag); ``n_tag_ge_activation`` theta_tag >=
-    theta_activation (ties count for the tag; no head: not counted); and how stable the choice is."""
+    theta_activation (ties count for the tag; no head: not counted); and how stable the choice
+    is."""
     sel = [r for r in rows if r["head"] is not None]
     out: dict = {"n": len(rows), "n_selected": len(sel), "n_no_head": len(rows) - len(sel)}
     kinds = [k[5:] for k in (sel[0] if sel else {}) if k.startswith("test_")]

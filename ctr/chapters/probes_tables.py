@@ -142,11 +142,13 @@ def resplit_table(summ: dict, guard: int) -> pd.DataFrame:
                 ok = rs.get("n_selected")
                 rows.append({
                     "model": name, "row": f"{TASKS[task]}, {protocol_name(prot, guard)}",
-                    **{f"re-splits {lab}": f"{rs[f'theta_{k}_mean']:.1f} ± {rs[f'theta_{k}_sd']:.1f}"
-                       if ok else "-" for k, lab in (("tag", "θ_tag"), ("no_tag", "θ_no_tag"),
-                                                     ("activation", "θ_activation"))},
+                    **{f"re-splits {lab}":
+                       f"{rs[f'theta_{k}_mean']:.1f} ± {rs[f'theta_{k}_sd']:.1f}" if ok else "-"
+                       for k, lab in (("tag", "θ_tag"), ("no_tag", "θ_no_tag"),
+                                      ("activation", "θ_activation"))},
                     "modal head (no verdict)": PV.stability(rs),
-                    "null θ_tag mean / p95": f"{nl['theta_tag_mean']:.1f} / {nl['theta_tag_p95']:.1f}",
+                    "null θ_tag mean / p95":
+                        f"{nl['theta_tag_mean']:.1f} / {nl['theta_tag_p95']:.1f}",
                     "training θ_tag: ours / null": f"{pct(g['train_theta_tag'])} / "
                                                    f"{nl['train_theta_tag_mean']:.1f}"})
     return pd.DataFrame(rows)
@@ -276,27 +278,38 @@ def paragraphs(summ: dict) -> Markdown:
     return Markdown("\n\n".join(out))
 
 
-COLUMNS = {"id": "claim", "model": "model", "ours": "ours", "interval": "interval",
-           "p_raw": "p raw", "p_adj": "p Holm", "verdict": "verdict", "note": "note"}
+def verdict_item(r: dict) -> str:
+    """One model's verdict on one claim, as a list item: the verdict, the numbers that decided
+    it, the interval, raw and Holm-adjusted p where there are, and the note."""
+    ps = []
+    if r.get("p_raw") is not None:
+        ps.append(f"p raw {_p(r['p_raw'])}")
+    if r.get("p_adj") is not None:
+        ps.append(f"Holm {_p(r['p_adj'])}")
+    parts = [r["ours"], r["interval"] if r["interval"] != "-" else None, ", ".join(ps) or None]
+    note = f" *Note:* {r['note']}." if r.get("note") else ""
+    return (f"  - {r['model']}: **{r['verdict']}**. "
+            + "; ".join(x for x in parts if x) + "." + note)
 
 
 def verdict_blocks(claims: list[dict]) -> list:
     """Paper / ours / verdict, one block per rule: the rule's text from RULES.md and the choice
-    it leaves open, each claim with the paper's numbers, then one row per claim and model (raw
-    and Holm-adjusted p, the note)."""
+    it leaves open, then each claim (its settings and the paper's numbers) with one item per
+    model (a list, not a table: the lines are long and the column is narrow)."""
     out, by_rule = [], {}
     for c in claims:
         by_rule.setdefault(c["rule"], []).append(c)
     for rule, rows in by_rule.items():
-        ids = list(dict.fromkeys(r["id"] for r in rows))
-        claims_md = "\n".join(
-            f"- **{cid}** ({first['settings']}): {first['claim']}. *Paper:* {first['paper']}."
-            for cid in ids for first in [next(r for r in rows if r["id"] == cid)])
-        out.append(Markdown(f"> **Rule (RULES.md):** {rule}\n\n*Where the rule leaves a "
-                            f"choice:* {rows[0].get('choice', '-')}.\n\n{claims_md}"))
-        df = pd.DataFrame([{v: (_p(r.get(k)) if k.startswith("p_") else r.get(k) or "")
-                            for k, v in COLUMNS.items()} for r in rows])
-        out.append(df.style.hide(axis="index"))
+        items = []
+        for cid in dict.fromkeys(r["id"] for r in rows):
+            rs = [r for r in rows if r["id"] == cid]
+            first = rs[0]
+            items.append(f"- **{cid}** ({first['settings']}): {first['claim']}. *Paper:* "
+                         f"{first['paper']}.")
+            items += [verdict_item(r) for r in rs]
+        choice = f"\n\n*Where the rule leaves a choice:* {rows[0]['choice']}." if rows[0].get(
+            "choice") else ""
+        out.append(Markdown(f"> **Rule (RULES.md):** {rule}{choice}\n\n" + "\n".join(items)))
     return out
 
 

@@ -140,10 +140,10 @@ def constant_note(s: dict) -> str | None:
         return (f"constant-value tag: the tag comes only from token 0 ({tok}, the same in every "
                 f"prompt), so z_tag = A[T,0]·v_0 is one vector times one number and the probe "
                 f"reads an attention weight, not a tag's content (100% of the z_tag norm)")
-    if share is None:
+    if not share:
         return None
-    return (f"{100 * share:.0f}% of the z_tag norm comes from token 0 ({tok}, the same in every "
-            f"prompt); token 0 is the only sink in {100 * c['prompts_first_only']:.0f}% of the "
+    return (f"{100 * share:.4g}% of the z_tag norm comes from token 0 ({tok}, the same in every "
+            f"prompt); token 0 is the only sink in {100 * c['prompts_first_only']:.4g}% of the "
             f"test prompts")
 
 

@@ -130,6 +130,14 @@ def stats(r: Result, high_ve: float = 0.5) -> dict:
             "tokens read": r.tokens}
 
 
+def stats_table(runs: dict, high_ve: float = 0.5) -> pd.DataFrame:
+    """``stats`` of every model, formatted (counts as integers, shares with two decimals)."""
+    def fmt(v):
+        return "-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.2f}"
+    return pd.DataFrame({name: {k: fmt(v) for k, v in stats(r, high_ve).items()}
+                         for name, r in runs.items()})
+
+
 def sliding_note(r: Result) -> str | None:
     """For a model with sliding-window layers: how often the first token is a sink, and how
     often in those layers."""

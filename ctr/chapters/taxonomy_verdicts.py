@@ -129,12 +129,14 @@ def paper_base_share(rows: list[dict]) -> float:
 
 
 def ours_text(b: dict) -> str:
+    """The measurement behind the base_sinks verdict, in one line."""
     if not b["instances"]:
         return "no sink beyond the first token"
     top = ", ".join(f"{t!r} {f:.0%}" for t, f, _ in b["types"][:6])
-    return (f"{b['share']:.0%} of {b['instances']} non-first sink instances ({b['prompts_with_any']}"
-            f" prompts) are punctuation or function words; {b['n_types']} token types with at "
-            f"least 1% of the instances ({top}); top type {b['top_type']!r} {b['top_share']:.0%}")
+    return (f"{b['share']:.0%} of {b['instances']} non-first sink instances "
+            f"({b['prompts_with_any']} prompts) are punctuation or function words; "
+            f"{b['n_types']} token types with at least 1% of the instances ({top}); top type "
+            f"{b['top_type']!r} {b['top_share']:.0%}")
 
 
 def share_table(shares: dict) -> pd.DataFrame:
@@ -187,21 +189,20 @@ def claims(shares: dict, diffs: dict, paper: dict, eps: float, min_queries: int)
 
 
 def verdict_blocks(rows: list[dict]) -> list:
-    """Paper / ours / verdict, one block per claim: the claim, the paper's number, the rule's
-    text from RULES.md, then one row per model."""
+    """Paper / ours / verdict, one block per claim: the rule's text from RULES.md, the choice it
+    leaves open, the claim and the paper's number, then one item per model."""
     from IPython.display import Markdown
 
     out = []
     for cid in dict.fromkeys(r["id"] for r in rows):
         rs = [r for r in rows if r["id"] == cid]
         first = rs[0]
-        extra = f"\n\n*Where the rule leaves a choice:* {first['choice']}." if first.get(
-            "choice") else ""
-        out.append(Markdown(f"**{cid}** ({first['settings']}): {first['claim']}. *Paper:* "
-                            f"{first['paper']}.\n\n> **Rule (RULES.md):** {first['rule']}"
-                            + extra))
-        out.append(pd.DataFrame([{"model": r["model"], "ours": r["ours"],
-                                  "interval": r["interval"], "verdict": r["verdict"],
-                                  "note": r.get("note", "")} for r in rs])
-                   .style.hide(axis="index"))
+        choice = (f"\n\n*Where the rule leaves a choice:* {first['choice']}."
+                  if first.get("choice") else "")
+        items = [f"  - {r['model']}: **{r['verdict']}**. {r['ours']}"
+                 + (f"; {r['interval']}" if r["interval"] != "-" else "") + "."
+                 + (f" *Note:* {r['note']}." if r.get("note") else "") for r in rs]
+        out.append(Markdown(f"> **Rule (RULES.md):** {first['rule']}{choice}\n\n"
+                            f"- **{cid}** ({first['settings']}): {first['claim']}. *Paper:* "
+                            f"{first['paper']}.\n" + "\n".join(items)))
     return out
