@@ -213,6 +213,7 @@ def test_base_sinks_claim_row_carries_the_rule_text_and_settings():
     assert "4 token types" in rows[0]["ours"] and "82%" in rows[0]["paper"]
     blocks = TV.verdict_blocks(rows)
     assert len(blocks) == 2 and "  - m: **reproduced**" in blocks[0].data
+    assert "  - no pair: **not testable here**" in blocks[1].data
 
 
 def test_base_share_counts_only_non_first_instances_per_prompt():

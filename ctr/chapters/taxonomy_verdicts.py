@@ -199,7 +199,8 @@ def verdict_blocks(rows: list[dict]) -> list:
         first = rs[0]
         choice = (f"\n\n*Where the rule leaves a choice:* {first['choice']}."
                   if first.get("choice") else "")
-        items = [f"  - {r['model']}: **{r['verdict']}**. {r['ours']}"
+        items = [f"  - {r['model'] if r['model'] != '-' else 'no pair'}: **{r['verdict']}**. "
+                 f"{r['ours']}"
                  + (f"; {r['interval']}" if r["interval"] != "-" else "") + "."
                  + (f" *Note:* {r['note']}." if r.get("note") else "") for r in rs]
         out.append(Markdown(f"> **Rule (RULES.md):** {first['rule']}{choice}\n\n"
