@@ -11,19 +11,23 @@ z_notag, theta_activation on o. Two protocols, from the same forward passes:
   follows the country, so its value vector cannot hold the statement's truth; the truth can
   reach z_tag only through the final token's attention weights.
 
-Head selection (the paper's rule, made exact, ``probes_stats.select_head``): on the training
-split only, among heads whose theta_tag beats their theta_no_tag, the largest gap; none may
-qualify. Its statistics (McNemar, re-splits, the label-shuffle null) are in ``probes_stats``,
-the verdict rule in ``probes_verdicts``.
+Head selection (the paper's rule, as RULES.md makes it exact, ``probes_stats.select_head``): on
+the training split only, among heads whose theta_tag beats their theta_no_tag, the largest gap,
+then the higher theta_tag, then the lower (layer, head); none may qualify. Its statistics
+(one-sided McNemar, re-splits, the label-shuffle null) are in ``probes_stats``, the verdict rules
+in ``probes_verdicts``, tables and figures in ``probes_tables`` and ``probes_figures``.
 """
 from __future__ import annotations
 
+import gc
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .. import definitions as D
+from .. import models as M
 from ..data import Labelled
 from ..models import Model
 from . import probes_stats as PS
@@ -44,6 +48,7 @@ class Probe:
     sinks_per_head: float             # mean #sinks over prompts, layers and heads
     self_sink: float                  # share of (prompt, layer, head) where the final token is a sink
     heads_with_sink: int              # heads whose final token attends to a sink in some prompt
+    constant: dict | None = None      # chosen head, test prompts: how much of z_tag is token 0's
 
     train = property(lambda self: self.sel.train)
     test = property(lambda self: self.sel.test)
@@ -90,9 +95,29 @@ def probe(f: Features, labelled: Labelled, guard: int, resplit_masks=None, null_
         cov = float((mass > 0).double().mean())
         tail = float(f.tail_mass[guard][:, l, h].sum() / mass.sum().clamp_min(1e-12))
         top = _top_sinks(f, guard, l, h)
+    const = constant_tag(f, guard, sel.head, ~train) if sel.head is not None else None
     return Probe(guard, sel, lr, cov, top, tail, float(f.n_sinks[guard].double().mean()),
                  float(f.self_sink[guard].double().mean()),
-                 int((f.sink_mass[guard] > 0).any(0).sum()))
+                 int((f.sink_mass[guard] > 0).any(0).sum()), const)
+
+
+def constant_tag(f: Features, guard: int, head: tuple[int, int], prompts) -> dict:
+    """RULES.md, constant-value tags: for one head on ``prompts`` (a mask), the share of the
+    z_tag norm that comes from a token-0 sink whose token is the same in every prompt,
+    sum ||A[T,0] v_0|| / sum (||A[T,0] v_0|| + ||z_tag - A[T,0] v_0||) (1 exactly when token 0 is
+    the only sink the final token attends to), and whether that is so in every prompt
+    (``constant``: then z_tag = A[T,0] v_0 is one vector times one number)."""
+    l, h = head
+    m = torch.as_tensor(prompts).bool()
+    first, rest = f.first_norm[guard][m, l, h].double(), f.rest_norm[guard][m, l, h].double()
+    other = f.other_sink[guard][m, l, h]
+    has_first = first > 0
+    total = float((first + rest).sum())
+    share = float(first.sum()) / total if total > 0 else None
+    return {"same_first_token": f.same_first, "first_token": f.tokens[0][0],
+            "norm_share": None if share is None or not f.same_first else round(share, 4),
+            "prompts_first_only": round(float((has_first & ~other).double().mean()), 4),
+            "constant": bool(f.same_first and has_first.any() and not other.any())}
 
 
 def _pct(x):
@@ -109,6 +134,7 @@ class TaskResult:
     last_tokens: dict[str, int] = field(default_factory=dict)   # final token string -> count
     mean_length: float = 0.0
     shared_prefix: int = 0
+    eps: float = D.EPS
 
     @property
     def main(self) -> Probe:
@@ -122,28 +148,15 @@ class TaskResult:
         """One guard's full record for the results file (accuracies in %; layer/head and the
         accuracies are None when no head satisfies the rule)."""
         p = self.by_guard[g]
-        s = p.sel
-        head = s.head
-        out = {"min_queries": g, "n_test": self.n_test, "selected": head is not None,
-               "layer": head[0] if head else None, "head": head[1] if head else None}
-        for k in KINDS:
-            out[f"theta_{k}"] = _pct(s.test[k][head]) if head else None
-            out[f"train_theta_{k}"] = _pct(s.train[k][head]) if head else None
-            if k in p.logistic:
-                out[f"logistic_{k}"] = _pct(p.logistic[k])
-        for name, (bl, bh), k in (("best_tag", s.best_tag, "tag"),
-                                  ("best_activation", s.best_activation, "activation")):
-            out[name] = {"layer": bl, "head": bh, f"theta_{k}": _pct(s.test[k][bl, bh]),
-                         f"train_theta_{k}": _pct(s.train[k][bl, bh]),
-                         "theta_no_tag": _pct(s.test["no_tag"][bl, bh])}
-        gap = np.round(s.train["tag"] - s.train["no_tag"], 9)
-        out.update(mcnemar=s.mcnemar, resplits=s.resplits, null=s.null,
-                   heads_above_diagonal=int((gap > 0).sum()), n_heads=int(gap.size),
-                   sink_coverage=None if p.sink_coverage is None else round(p.sink_coverage, 4),
+        out = {"min_queries": g, "eps": self.eps, **p.sel.summary()}
+        out["n_test"] = self.n_test
+        for k, v in p.logistic.items():
+            out[f"logistic_{k}"] = _pct(v)
+        out.update(sink_coverage=None if p.sink_coverage is None else round(p.sink_coverage, 4),
                    tail_share=None if p.tail_share is None else round(p.tail_share, 4),
                    top_sinks=[[k, round(v, 4)] for k, v in p.top_sinks],
                    sinks_per_head=round(p.sinks_per_head, 4), self_sink=round(p.self_sink, 4),
-                   heads_with_sink=p.heads_with_sink)
+                   heads_with_sink=p.heads_with_sink, constant_tag=p.constant)
         return out
 
     def summary(self) -> dict:
@@ -183,7 +196,7 @@ def probe_task(model: Model, labelled: Labelled, eps: float = D.EPS, min_queries
     by = {g: (probe(f, labelled, g, masks, null) if g in (mq, 1)
               else probe(f, labelled, g, with_logistic=False)) for g in guards}
     return TaskResult(model.name, task, mq, by, labelled.split.count("test"), counts,
-                      float(np.mean(f.lengths)), f.shared)
+                      float(np.mean(f.lengths)), f.shared, eps)
 
 
 def country_baseline(labelled: Labelled) -> float:
@@ -212,38 +225,42 @@ def country_from_end(model: Model, texts: list[str]) -> list[int | None]:
     return out
 
 
-def figure_heads(res: dict[str, TaskResult], guards: list[int], title: str = ""):
-    """Train accuracy of theta_tag against theta_no_tag for every head: rows = tasks, columns =
-    guards; the chosen head is starred. Heads above the diagonal carry more in their tag."""
-    import matplotlib.pyplot as plt
+@dataclass
+class Chapter:
+    """Every model's runs of the chapter: model -> task -> TaskResult, and per model what the
+    page prints about it."""
+    runs: dict[str, dict[str, TaskResult]]
+    country_before: dict[str, int]    # city statements whose guarded keys all precede the country
+    seconds: dict[str, float]
+    cpu: dict[str, float]
+    lines: dict[str, str]             # one line per model: layers, BOS policy, final tokens, time
 
-    fig, axes = plt.subplots(len(res), len(guards), figsize=(4.3 * len(guards) + 1.2, 4.1 * len(res)),
-                             squeeze=False, sharex=True, sharey=True, layout="constrained")
-    for i, (task, r) in enumerate(res.items()):
-        for j, g in enumerate(guards):
-            ax, p = axes[i, j], r.by_guard[g]
-            L, H = p.train["tag"].shape
-            sc = ax.scatter(100 * p.train["no_tag"].ravel(), 100 * p.train["tag"].ravel(),
-                            c=np.repeat(np.arange(L), H), cmap="viridis", vmin=0, vmax=L - 1, s=16,
-                            alpha=0.8, edgecolors="none")
-            if p.head is not None:
-                l, h = p.head
-                ax.scatter([100 * p.train["no_tag"][l, h]], [100 * p.train["tag"][l, h]], marker="*",
-                           s=260, color="#C44E52", edgecolors="k", linewidths=0.6, zorder=3,
-                           label=f"chosen: L{l}H{h}")
-                ax.legend(fontsize=8, loc="lower right", frameon=False)
-            else:
-                ax.text(0.97, 0.03, "no head satisfies the rule", transform=ax.transAxes,
-                        ha="right", fontsize=8)
-            ax.plot([30, 100], [30, 100], color="k", lw=0.7, ls="--")
-            ax.set(xlim=(30, 100), ylim=(30, 100), aspect="equal")
-            guard = "paper's protocol (min_queries=1)" if g == 1 else f"guard: min_queries={g}"
-            ax.set_title(f"{task}, {guard}", fontsize=10)
-            if i == len(res) - 1:
-                ax.set_xlabel("train accuracy, theta_no_tag (%)")
-            if j == 0:
-                ax.set_ylabel("train accuracy, theta_tag (%)")
-    fig.colorbar(sc, ax=axes, shrink=0.5, label="layer")
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return fig
+
+def run(names: list[str], tasks: dict[str, Labelled], *, eps: float = D.EPS, guard: int = 5,
+        guard_sweep=(), n_resplits: int = 10, n_null: int = 100, batch_size: int = 32,
+        seed: int = 0, device: str = "cpu", dtype: str = "float32") -> Chapter:
+    """The chapter's experiment: each model loaded once (``device``, ``dtype`` as in
+    ``ctr.models.load``), every task probed under the paper's protocol, the guard and the sweep."""
+    out = Chapter({}, {}, {}, {}, {})
+    for name in names:
+        t0, c0 = time.time(), time.process_time()
+        m = M.load(name, device=device, dtype=dtype)
+        out.runs[name] = {task: probe_task(m, ds, eps=eps, min_queries=guard,
+                                           batch_size=batch_size, also=guard_sweep, task=task,
+                                           n_resplits=n_resplits, n_null=n_null, seed=seed)
+                          for task, ds in tasks.items()}
+        before = 0
+        if "cities" in tasks:
+            country = country_from_end(m, tasks["cities"].texts)
+            before = sum(k is not None and k < guard for k in country)
+        out.country_before[name] = before
+        out.seconds[name], out.cpu[name] = time.time() - t0, time.process_time() - c0
+        last = "; ".join(f"{task} " + ", ".join(f"{t!r} ({k})" for t, k in r.last_tokens.items())
+                         for task, r in out.runs[name].items())
+        out.lines[name] = (f"{name}: {m.n_layers} layers x {m.n_heads} heads; {m.bos_policy}; "
+                           f"final tokens: {last}; in {before} of {len(tasks.get('cities') or [])} "
+                           f"city statements every key the guard leaves precedes the country; "
+                           f"{out.seconds[name]:.0f} s wall, {out.cpu[name]:.0f} s CPU")
+        del m
+        gc.collect()
+    return out

@@ -44,6 +44,10 @@ class Features:
     sink_mass: dict[int, torch.Tensor]       # (N, L, H) its attention on all its sinks
     tail_mass: dict[int, torch.Tensor]       # (N, L, H) ... on sinks in the tail (keys seen by
     #                                          fewer than guard_for(eps) queries)
+    first_norm: dict[int, torch.Tensor]      # (N, L, H) ||A[T,0] v_0|| if token 0 is a sink, else 0
+    rest_norm: dict[int, torch.Tensor]       # (N, L, H) ||z_tag - A[T,0] v_0||: other sinks' part
+    other_sink: dict[int, torch.Tensor]      # (N, L, H) the final token attends to a sink other
+    #                                          than token 0
     tokens: list[list[str]]
     eps: float
     shared: int = 0                          # tokens of the common prefix run once (0 = none)
@@ -51,6 +55,13 @@ class Features:
     @property
     def lengths(self) -> list[int]:
         return [len(t) for t in self.tokens]
+
+    @property
+    def same_first(self) -> bool:
+        """Token 0 is the same token in every prompt (Gemma's <bos>; SmolLM2's first word when
+        every prompt starts with it): then v_0 is the same vector in every prompt (it sees only
+        itself), and a tag from token 0 alone is that vector times one attention weight."""
+        return len({t[0] for t in self.tokens}) == 1
 
     def X(self, kind: str, guard: int) -> torch.Tensor:
         return {"tag": self.z_tag[guard], "no_tag": self.z_notag[guard], "activation": self.o}[kind]
@@ -68,22 +79,30 @@ class _Store:
         self.ss = torch.zeros(G, N, L, H, dtype=torch.bool)
         self.top = torch.zeros(G, N, L, H, dtype=torch.int16)
         self.mass, self.tail = torch.zeros(G, N, L, H), torch.zeros(G, N, L, H)
+        self.first, self.rest = torch.zeros(G, N, L, H), torch.zeros(G, N, L, H)
+        self.other = torch.zeros(G, N, L, H, dtype=torch.bool)
 
     def add(self, p: list[int], l: int, A, V, o_last, window):
         """Prompts ``p`` of equal length T: A (b, H, T, T), V (b, H, T, D), o_last (b, H, D)."""
         T = A.shape[-1]
         last = A[:, :, T - 1:T, :]                      # the final query's row, (b, H, 1, T)
-        self.o[p, l] = o_last.float()
+        self.o[p, l] = o_last
         S = torch.stack([D.sinks(D.alpha(A, window, g), self.eps) for g in self.guards])
         for i in range(len(self.guards)):
-            self.zt[i, p, l] = D.z_tag(last, V, S[i])[:, :, 0]
+            zt = D.z_tag(last, V, S[i])[:, :, 0]                       # (b, H, D)
+            self.zt[i, p, l] = zt
             self.zn[i, p, l] = D.z_notag(last, V, S[i])[:, :, 0]
+            # the part of z_tag that comes from token 0 (RULES.md, constant-value tags)
+            z0 = (last[:, :, 0, 0] * S[i][..., 0])[..., None] * V[:, :, 0]
+            self.first[i, p, l] = z0.norm(dim=-1)
+            self.rest[i, p, l] = (zt - z0).norm(dim=-1)
         self.ns[:, p, l] = S.sum(-1).to(torch.int16)
         self.ss[:, p, l] = S[..., T - 1]
         w = last[:, :, 0] * S                            # final query's weight on each sink
         self.top[:, p, l] = torch.where(S.any(-1), w.argmax(-1), -1).to(torch.int16)
         self.mass[:, p, l] = w.sum(-1)
         self.tail[:, p, l] = (w * (D.visible_queries(T, window) < self.tail_from)).sum(-1)
+        self.other[:, p, l] = (w[..., 1:] > 0).any(-1)
 
     def by_guard(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         return {g: x[i] for i, g in enumerate(self.guards)}
@@ -97,6 +116,10 @@ def _groups(lengths: list[int]) -> dict[int, list[int]]:
     return g
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x.to("cpu", torch.float32)
+
+
 def _run(model, batch_all, order, batch_size, st: _Store, bar, pre):
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -105,8 +128,10 @@ def _run(model, batch_all, order, batch_size, st: _Store, bar, pre):
         for rec in extract.layers(model, sub, prefix=pre):
             with extract.one_thread():
                 for n, bs in groups.items():
-                    st.add([idx[b] for b in bs], rec.layer, rec.A[bs, :, :n, :n].float(),
-                           rec.V[bs, :, :n].float(), rec.head_out[bs, n - 1], rec.window)
+                    # float32 on the CPU at the point of use: a model run in bfloat16 (or on a
+                    # GPU) gives bf16 activations; sinks, splits and probes are computed in fp32
+                    st.add([idx[b] for b in bs], rec.layer, _f32(rec.A[bs, :, :n, :n]),
+                           _f32(rec.V[bs, :, :n]), _f32(rec.head_out[bs, n - 1]), rec.window)
             bar.update(len(idx))
 
 
@@ -127,4 +152,4 @@ def features(model: Model, texts: list[str], eps: float = D.EPS, guards=(1,),
     bar.close()
     G = st.by_guard
     return Features(st.o, G(st.zt), G(st.zn), G(st.ns), G(st.ss), G(st.top), G(st.mass),
-                    G(st.tail), batch_all.tokens, eps, P)
+                    G(st.tail), G(st.first), G(st.rest), G(st.other), batch_all.tokens, eps, P)

@@ -5,8 +5,10 @@ low theta_no_tag on the training split, and reports that head's test accuracies.
 questions decide what such a number means, and this module answers them:
 
 - does the chosen head's theta_tag beat its own theta_no_tag on the same test prompts? An exact
-  McNemar test on the paired predictions (``ctr.stats.mcnemar``);
-- does the result depend on the split? Random 400/200 re-splits, the head re-selected on each;
+  McNemar test on the paired predictions (``ctr.stats.mcnemar``; the rules read its one-sided
+  ``p_greater``), and against theta_activation for Table 1's other comparison;
+- does the result depend on the split? Random 400/200 re-splits, the head re-selected on each,
+  each with its own McNemar test;
 - how much does picking the best of hundreds of heads give by itself? The whole select-then-test
   pipeline on labels shuffled within each split (the label-shuffle null). Selection inflates the
   chosen head's *training* accuracy; its test accuracy stays a fair draw around 50%.
@@ -17,6 +19,7 @@ Accuracies here are fractions; the summaries for the results file are in percent
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -119,10 +122,28 @@ def shuffled_labels(y, train, k: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def paired(correct: dict[str, torch.Tensor], mask, head) -> dict:
+    """McNemar of the head's theta_tag against its theta_no_tag on the prompts of ``mask`` (and
+    against theta_activation when ``correct`` has it): ``correct`` maps a kind to (N, L, H)."""
+    l, h = head
+    m = torch.as_tensor(mask).bool()
+    t = correct["tag"][m, l, h].numpy()
+    r = stats.mcnemar(t, correct["no_tag"][m, l, h].numpy())
+    out = {"mcnemar": {"only_tag": r["only_a"], "only_no_tag": r["only_b"], "n": r["n"],
+                       "p": r["p"], "p_greater": r["p_greater"], "p_less": r["p_less"]}}
+    if "activation" in correct:
+        a = stats.mcnemar(t, correct["activation"][m, l, h].numpy())
+        out["tag_vs_activation"] = {"only_tag": a["only_a"], "only_activation": a["only_b"],
+                                    "n": a["n"], "p": a["p"], "p_greater": a["p_greater"],
+                                    "p_less": a["p_less"]}
+    return out
+
+
 def select_then_test(correct: dict[str, torch.Tensor], train) -> list[dict]:
     """The paper's pipeline on S splits: ``correct`` maps a kind ("tag", "no_tag", ...) to its
     (S, N, L, H) correctness. Per split: the head the rule picks on the training prompts (None
-    when none qualifies) and its train and test accuracies per kind."""
+    when none qualifies), its train and test accuracies per kind, and the one-sided McNemar p
+    of theta_tag > theta_no_tag on that split's test prompts (``p_greater``)."""
     S, N = next(iter(correct.values())).shape[:2]
     tr_mask = torch.as_tensor(train).bool().reshape(-1, N).expand(S, N)
     tr = {k: accuracy(c, tr_mask) for k, c in correct.items()}
@@ -134,21 +155,43 @@ def select_then_test(correct: dict[str, torch.Tensor], train) -> list[dict]:
         if head is not None:
             for k in correct:
                 row[f"train_{k}"], row[f"test_{k}"] = float(tr[k][s][head]), float(te[k][s][head])
+            pr = paired({k: c[s] for k, c in correct.items()}, ~tr_mask[s], head)
+            row["p_greater"] = pr["mcnemar"]["p_greater"]
         out.append(row)
     return out
 
 
-def resplit_summary(rows: list[dict], main_head=None) -> dict:
-    """Mean, standard deviation and range of the chosen head's test accuracies over re-splits,
-    and how stable the choice is (percent)."""
+def _above(a: float, b: float) -> bool:
+    return bool(_key(a)[0] > _key(b)[0])       # equal accuracies (k / n) compare equal
+
+
+def resplit_summary(rows: list[dict], main_head=None, alpha: float = 0.05) -> dict:
+    """Over the re-splits (percent): mean, standard deviation and range of the chosen head's test
+    accuracies over those with a head; the counts the rules use (RULES.md, semantic probes):
+    ``n_pass`` theta_tag > theta_no_tag with one-sided McNemar p < alpha; ``n_tag_le_no_tag``
+    theta_tag <= theta_no_tag, a re-split with no selectable head counted here too (there every
+    head's training theta_tag is at most its theta_no_tag); ``n_tag_ge_activation`` theta_tag >=
+    theta_activation (ties count for the tag; no head: not counted); and how stable the choice
+    is."""
     sel = [r for r in rows if r["head"] is not None]
-    out: dict = {"n": len(rows), "n_selected": len(sel)}
+    out: dict = {"n": len(rows), "n_selected": len(sel), "n_no_head": len(rows) - len(sel)}
     kinds = [k[5:] for k in (sel[0] if sel else {}) if k.startswith("test_")]
     for k in kinds:
         v = 100 * np.array([r[f"test_{k}"] for r in sel])
         sd = v.std(ddof=1) if len(v) > 1 else 0.0
         for stat, x in (("mean", v.mean()), ("sd", sd), ("min", v.min()), ("max", v.max())):
             out[f"theta_{k}_{stat}"] = round(float(x), 2)
+    out["n_pass"] = int(sum(_above(r["test_tag"], r["test_no_tag"]) and r["p_greater"] < alpha
+                            for r in sel))
+    out["n_tag_le_no_tag"] = out["n_no_head"] + int(sum(
+        not _above(r["test_tag"], r["test_no_tag"]) for r in sel))
+    if "activation" in kinds:
+        out["n_tag_ge_activation"] = int(sum(not _above(r["test_activation"], r["test_tag"])
+                                             for r in sel))
+    out["splits"] = [None if r["head"] is None else
+                     {"head": list(r["head"]), "p_greater": r["p_greater"],
+                      **{f"theta_{k}": round(100 * r[f"test_{k}"], 2) for k in kinds}}
+                     for r in rows]
     heads = [tuple(r["head"]) for r in sel]
     out["heads"] = [list(h) for h in heads]
     if heads:
@@ -159,7 +202,9 @@ def resplit_summary(rows: list[dict], main_head=None) -> dict:
 
 
 def null_summary(rows: list[dict]) -> dict:
-    """The label-shuffle null of the pipeline (percent): what selection alone gives."""
+    """The label-shuffle null of the pipeline (percent): what selection alone gives. One split
+    (the main one) with shuffled labels: it leaves out the split-to-split spread that the
+    re-split mean averages over, so its 95th percentile is a conservative bar for that mean."""
     sel = [r for r in rows if r["head"] is not None]
     out: dict = {"n": len(rows), "n_selected": len(sel)}
     for key, name in (("test_tag", "theta_tag"), ("train_tag", "train_theta_tag"),
@@ -195,6 +240,10 @@ def logistic(Xtr: torch.Tensor, ytr: torch.Tensor, Xte: torch.Tensor, yte: torch
     return float((clf.predict(Xte.double().numpy()) == yte.numpy()).mean())
 
 
+def _pct(x):
+    return None if x is None else round(100 * float(x), 2)
+
+
 @dataclass
 class Selection:
     """One protocol (one tail guard): every head's probes on the main split, the chosen head,
@@ -204,14 +253,42 @@ class Selection:
     correct: dict[str, torch.Tensor]  # kind -> (N, L, H) prediction == label, main split
     head: tuple[int, int] | None      # the rule's head; None: no head satisfies the rule
     best_tag: tuple[int, int]         # highest training theta_tag, whatever its theta_no_tag
-    best_activation: tuple[int, int]  # highest training theta_activation
+    best_activation: tuple[int, int] | None   # highest training theta_activation
     mcnemar: dict | None              # chosen head, test prompts: tag vs no_tag (exact, paired)
     resplits: dict | None             # resplit_summary, or None when not run
     null: dict | None                 # null_summary, or None when not run
+    tag_vs_activation: dict | None = None   # chosen head, test prompts: tag vs activation
+    n_test: int = 0
+
+    def summary(self) -> dict:
+        """What the verdict rules read (accuracies in percent; layer, head and accuracies None
+        when no head satisfies the rule)."""
+        head = self.head
+        out = {"n_test": self.n_test, "selected": head is not None,
+               "layer": head[0] if head else None, "head": head[1] if head else None}
+        for k in self.test:
+            out[f"theta_{k}"] = _pct(self.test[k][head]) if head else None
+            out[f"train_theta_{k}"] = _pct(self.train[k][head]) if head else None
+        best = [("best_tag", self.best_tag, "tag")]
+        if self.best_activation is not None:
+            best.append(("best_activation", self.best_activation, "activation"))
+        for name, (bl, bh), k in best:
+            out[name] = {"layer": bl, "head": bh, f"theta_{k}": _pct(self.test[k][bl, bh]),
+                         f"train_theta_{k}": _pct(self.train[k][bl, bh]),
+                         "theta_no_tag": _pct(self.test["no_tag"][bl, bh])}
+        gap = np.round(self.train["tag"] - self.train["no_tag"], 9)
+        # copies: the Holm step writes its p_adj into the summary, never into the selection
+        out.update(mcnemar=copy.deepcopy(self.mcnemar),
+                   tag_vs_activation=copy.deepcopy(self.tag_vs_activation),
+                   resplits=copy.deepcopy(self.resplits), null=copy.deepcopy(self.null),
+                   heads_above_diagonal=int((gap > 0).sum()), n_heads=int(gap.size))
+        return out
 
 
-def select(X: dict[str, torch.Tensor], y, train, resplit_masks=None, null_labels=None) -> Selection:
-    """Probes of every head on the main split, the rule's head, McNemar, re-splits and null.
+def select(X: dict[str, torch.Tensor], y, train, resplit_masks=None, null_labels=None,
+           alpha: float = 0.05) -> Selection:
+    """Probes of every head on the main split, the rule's head, McNemar (tag vs no-tag and tag
+    vs activation), re-splits and null.
 
     X: kind -> (N, L, H, D) features; ``resplit_masks`` (k, N) training masks for the
     re-splits; ``null_labels`` (k, N) shuffled labels, tested on the main split."""
@@ -220,19 +297,17 @@ def select(X: dict[str, torch.Tensor], y, train, resplit_masks=None, null_labels
     tr = {k: accuracy(v[None], train)[0] for k, v in c.items()}
     te = {k: accuracy(v[None], ~train)[0] for k, v in c.items()}
     head = select_head(tr["tag"], tr["no_tag"])
-    mc = None
-    if head is not None:
-        l, h = head
-        r = stats.mcnemar(c["tag"][~train, l, h].numpy(), c["no_tag"][~train, l, h].numpy())
-        mc = {"only_tag": r["only_a"], "only_no_tag": r["only_b"], "n": r["n"], "p": r["p"]}
+    pr = paired(c, ~train, head) if head is not None else {}
     rs = nl = None
     if resplit_masks is not None and len(resplit_masks):
         rows = select_then_test({k: mass_mean_heads(x, y, resplit_masks) for k, x in X.items()},
                                 resplit_masks)
-        rs = resplit_summary(rows, head)
+        rs = resplit_summary(rows, head, alpha)
     if null_labels is not None and len(null_labels):
         rows = select_then_test({k: mass_mean_heads(X[k], null_labels, train)
                                  for k in ("tag", "no_tag")}, train)
         nl = null_summary(rows)
     return Selection(tr, te, c, head, best_head(tr["tag"]),
-                     best_head(tr["activation"]) if "activation" in tr else None, mc, rs, nl)
+                     best_head(tr["activation"]) if "activation" in tr else None,
+                     pr.get("mcnemar"), rs, nl, pr.get("tag_vs_activation"),
+                     int((~train).sum()))
