@@ -70,11 +70,15 @@ def _match(pattern: str, claim_id: str) -> bool:
 
 
 def get(claim_id: str, path: Path = PATH) -> dict:
-    """The rule row for ``claim_id``: the exact id first, then patterns. Alternative readings
-    ("<id>_alt") have no rule in the file: asking for one is an error."""
+    """The rule row for ``claim_id``: the exact id first, then patterns, then a rule id followed
+    by a suffix (a per-task row, "tag_vs_activation_cities"). Alternative readings ("<id>_alt")
+    have no rule in the file: asking for one is an error."""
     rows = table(path)
     exact = [r for r in rows if r["id"] == claim_id]
     hits = exact or [r for r in rows if _match(r["id"], claim_id)]
+    if not hits:        # a per-task row of one rule: "tag_vs_activation_cities"
+        hits = sorted((r for r in rows if "*" not in r["id"] and not claim_id.endswith("_alt")
+                       and claim_id.startswith(r["id"] + "_")), key=lambda r: -len(r["id"]))
     if not hits:
         raise UnknownRule(f"no rule for claim id {claim_id!r} in {Path(path).name}; ids: "
                           + ", ".join(r["id"] for r in rows))

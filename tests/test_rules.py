@@ -32,6 +32,7 @@ def test_patterns_placeholders_and_references_resolve():
     assert rules.get("swap_bos_cities")["id"] == "swap_*"
     assert rules.get("cities_tag_paper")["id"] == "*_tag_*"
     assert rules.get("tag_vs_activation")["id"] == "tag_vs_activation"   # exact before pattern
+    assert rules.get("tag_vs_activation_cities")["id"] == "tag_vs_activation"   # per task
     assert rules.text("tag_orth_within").startswith("same rule as tag_orth_cross: two parts")
     assert "ordered rule as tags_lm_bos: primary reading" in rules.text("tags_lm_mid")
     assert "|s_tag|" in rules.text("emergence")          # a pipe inside a cell is kept
