@@ -412,14 +412,29 @@ def test_tags_lm_bos_supported_on_a_planted_case():
     nats, the control of the same residual norm a twentieth of that."""
     row, r = bos_verdict(tag=4.0)
     assert row["verdict"] == V.REPRODUCED
+    assert row["note"].startswith("constant-value tag")      # every text starts with <bos>
     assert r["overall"][1] > 0 and r["overall"][0] > 0.05
     assert row["rule"] == rules.text("tags_lm_bos") and "min_queries 4" in row["settings"]
+
+
+def test_only_a_first_token_shared_by_every_prompt_is_flagged_constant(planted):
+    """RULES.md, constant-value tags: with <bos> the first-token tag is one vector times a
+    weight; without it (first words differ) it is not, and the row says nothing."""
+    texts = ["The cat sat. It slept.", "A dog ran. He barked.", "Rain fell all day. Then sun."]
+    for bos in (True, False):
+        a = R.ablate(planted.with_bos(bos), texts, max_tokens=40, min_queries=2, layers=[1],
+                     conditions=("mean_bos",), progress=False)
+        row = RV.ablation_claims("planted", a, RV.ablation_intervals(a, n_boot=20))[0]
+        assert a.same_first_token == bos and a.removed("mean_bos").all()
+        assert ("constant-value tag" in row["note"]) == bos
+        assert row["verdict"] == V.UNTESTABLE and "fewer than 20" in row["note"]     # 3 prompts
 
 
 def test_tags_lm_bos_negligible_on_a_planted_case():
     """The tag adds 0.6 of the answer's logit of 4: a consistent but tiny cost."""
     row, r = bos_verdict(tag=0.6, letter=3.4)
-    assert (row["verdict"], row["note"]) == (V.COMPATIBLE, "negligible effect (< 0.01 nats)")
+    assert row["verdict"] == V.COMPATIBLE
+    assert row["note"].startswith("negligible effect (< 0.01 nats); constant-value tag")
     assert 0 < r["overall"][1] and r["overall"][0] < 0.01
 
 
@@ -433,7 +448,7 @@ def test_tags_lm_bos_compatible_on_a_planted_case():
     """A small effect measured on texts the model predicts only 90% of the time: the interval
     holds both 0 and the floor."""
     row, r = bos_verdict(p_alt=0.9, tag=0.8, letter=1.4, back=2.2)     # ln 9 = 2.2: calibrated
-    assert row["verdict"] == V.COMPATIBLE and "note" not in row
+    assert row["verdict"] == V.COMPATIBLE and "negligible" not in row["note"]
     assert r["overall"][1] <= 0 < 0.01 <= r["overall"][2]
 
 

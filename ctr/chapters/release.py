@@ -158,6 +158,7 @@ class Ablation:
     n_positions: int | None = None
     eps: float = D.EPS
     min_queries: int = 16
+    same_first_token: bool = False   # every prompt starts with the same token (e.g. BOS)
     seconds: float = 0.0
     cpu: float = 0.0
 
@@ -244,6 +245,7 @@ def ablate(model: Model, texts: list[str], max_tokens: int = 150, eps: float = D
                     tag_share.tolist(), sinks=_sink_summary(stats, layers, batch.input_ids),
                     bos_spread=[stats[l].bos_spread for l in range(L)], resid_norm=rnorm,
                     n_layers=L, n_positions=n_positions, eps=eps, min_queries=min_queries,
+                    same_first_token=bool(batch.input_ids[:, 0].unique().numel() == 1),
                     seconds=time.time() - t0,
                     cpu=cpu_seconds() - c0)
 
@@ -281,6 +283,7 @@ def summary(a: Ablation) -> dict:
     return {"model": a.model, "layers": a.layers, "n_layers": a.n_layers,
             "conditions": a.conditions, "n_positions": a.n_positions,
             "clean_loss": float(a.clean_loss.mean()), "eps": a.eps, "min_queries": a.min_queries,
+            "same_first_token": a.same_first_token,
             "delta": {c: a.delta[c].mean(1).tolist() for c in a.delta},
             "delta_by_prompt": {c: a.delta[c].tolist() for c in a.delta},
             "removed_share": {c: a.removed_share[c].tolist() for c in a.removed_share},

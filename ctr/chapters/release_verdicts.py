@@ -173,6 +173,9 @@ ABLATION_CLAIMS = {
                  "removing the same norm along a random direction"),
 }
 BESIDE = {"mean_bos": "zero_bos"}   # shown in the same row, no verdict of its own
+CONSTANT = ("constant-value tag: every prompt starts with the same token, so v_0 is one vector "
+            "and x(t) = A[t,0] v_0 varies only through the attention weight; all (100%) of the "
+            "ablated tag's norm comes from such a sink")
 
 
 def _num(p, fmt="{:+.4f}") -> str:
@@ -197,6 +200,9 @@ def ablation_claims(name: str, a: Ablation, iv: dict) -> list[dict]:
                     f"{pt:+.4f} nats (tag {tag:+.4f}, control {ctl:+.4f})")
         else:
             ours = f"nothing removed at layers {a.layers} (no such sink, or no variation to remove)"
+        if c.endswith("_bos") and a.same_first_token and r["removed"]:
+            # RULES.md, General, constant-value tags: v_0 is one vector in every prompt
+            note = "; ".join(filter(None, [note, CONSTANT]))
         z = BESIDE.get(c)
         if z in a.conditions:
             ours += (f"; zero-ablation beside it (no verdict): {_num(iv[z]['overall'])} nats"
