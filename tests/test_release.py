@@ -288,6 +288,28 @@ def test_the_control_removes_the_tags_norm_in_the_residual_stream_token_by_token
         assert torch.allclose(rec.head_out.double() - f(rec).double(), ctrl, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_attention_write_is_what_the_layer_adds_from_its_attention(arch):
+    """The control's diagnostic: W_O, then (Gemma-3) the post-attention norm, as the model's own
+    forward computes it (captured by a hook on the module that ends the attention branch)."""
+    m = models.load(f"tiny-random-{arch}")
+    block = m.hf.model.layers[1]
+    if arch == "gemma3":
+        block.post_attention_layernorm.weight.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    end = block.post_attention_layernorm if arch == "gemma3" else block.self_attn.o_proj
+    seen = {}
+    hook = end.register_forward_hook(lambda mod, args, out: seen.setdefault("y", out))
+    batch = m.encode(TEXT)
+    try:
+        m.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    finally:
+        hook.remove()
+    rec = clean_layer(m, batch, 1)
+    got = RM.attention_write(m, 1)(rec.head_out)
+    for b, n in enumerate(batch.lengths):
+        assert torch.allclose(got[b, :n], seen["y"][b, :n].float(), atol=1e-5, rtol=1e-4)
+
+
 def test_first_token_mean_ablation_replaces_each_tag_by_the_leave_one_out_mean(planted):
     m, l = planted, 1
     batch = m.encode(["The cat sat. It slept.", "A dog ran. He barked.", "Rain fell all day."])
@@ -346,6 +368,10 @@ def test_ablate_adds_the_layers_with_the_largest_tags_and_matches_the_residual_n
     # the ablation run removes what the clean pass measured; the control the same residual norm
     assert a.removed_share["zero_bos"][0] == pytest.approx(share[l, 0], rel=1e-4)
     assert a.resid_norm["zero_bos_ctrl"][0] == pytest.approx(a.resid_norm["zero_bos"][0], rel=1e-6)
+    # the actual change of the attention's write is the norm of the heads' images summed, at
+    # most the sum of their norms (the quantity matched head by head)
+    for c in ("zero_bos", "zero_bos_ctrl"):
+        assert 0.3 * a.resid_norm[c][0] < a.actual_norm[c][0] <= a.resid_norm[c][0] * (1 + 1e-5)
     assert a.delta["zero_bos"].shape == (1, 2) and np.isfinite(a.delta["zero_bos"]).all()
 
 
@@ -381,6 +407,13 @@ def test_swap_rule_returns_every_outcome_with_a_floor_of_005_of_the_gap():
     assert RV.rule_swap(0.02, -0.01, 0.06, n, no_op=False) == (V.COMPATIBLE, None)
 
 
+def test_the_alternative_swap_reading_is_not_testable_when_the_label_gap_may_be_zero():
+    assert RV.rule_swap_label_alt(V.REPRODUCED, (0.01, -0.009, 0.029))[0] == V.UNTESTABLE
+    assert RV.rule_swap_label_alt(V.NOT, (0.01, math.nan, math.nan))[0] == V.UNTESTABLE
+    assert RV.rule_swap_label_alt(V.REPRODUCED, (0.3, 0.2, 0.4)) is None      # the same as the rule
+    assert RV.rule_swap_label_alt(V.UNTESTABLE, (0.01, -0.009, 0.029)) is None
+
+
 def test_swap_fractions_on_fabricated_runs():
     """Two pairs, both directions: the sink swap moves the recipients halfway to the donor,
     the control not at all; label and answer measures agree when LD follows the label."""
@@ -403,6 +436,22 @@ def test_swap_fractions_on_fabricated_runs():
     assert {r["id"] for r in rows} == {"swap_t_head", "swap_t_layer", "swap_t_head_answer",
                                        "swap_t_layer_answer"}
     assert all(r["verdict"] == V.UNTESTABLE for r in rows)        # 2 pairs, no layer swap
+    # 24 pairs whose label gaps straddle 0; the sink swap moves 0.1 of each directed gap
+    rng = np.random.default_rng(0)
+    ld = np.repeat(rng.normal(0.25, 1.0, 24), 2) * np.tile([1.0, -1.0], 24)
+    directed = [(2 * i, 2 * i + 1) for i in range(24)]
+    s = RS.Swap("t", "m", 0, 0, "", 5, ld, directed)
+    s.swapped = {"head_sink": np.array([ld[r] + 0.1 * (ld[d] - ld[r]) for r, d in directed]),
+                 "head_ctrl": ld[0::2].copy()}
+    s.n_cells = {c: np.ones(24, int) for c in s.swapped}
+    s.n_cells_changed = {c: np.ones(24, int) for c in s.swapped}
+    iv = RV.swap_intervals(s, n_boot=200)
+    assert iv["gap"][1] < 0 < iv["gap"][2]
+    rows = {r["id"]: r for r in RV.swap_claims("m", s, iv)}
+    assert rows["swap_t_head"]["verdict"] == V.REPRODUCED               # the rule as written
+    alt = rows["swap_t_head_alt"]
+    assert alt["verdict"] == V.UNTESTABLE and alt["reading"] == V.ALTERNATIVE
+    assert "swap_t_head_answer_alt" not in rows
 
 
 # --- the ordered rule on the chapter's own measurement: planted first-token tags ----------------------

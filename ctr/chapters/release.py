@@ -39,8 +39,9 @@ from tqdm import tqdm   # text bars: they go to the log, never into the HTML
 from .. import definitions as D
 from .. import extract
 from ..models import Model
-from .release_means import (LayerStats, _Accumulator, first_token_removed, means_at,  # noqa: F401
-                            removed_part, residual_control, residual_gram, residual_norm, select)
+from .release_means import (LayerStats, _Accumulator, attention_write,  # noqa: F401
+                            first_token_removed, means_at, removed_part, residual_control,
+                            residual_gram, residual_norm, select, sink_summary)
 
 # condition -> (ablation, which sinks); each also runs with its random control ("<name>_ctrl")
 CONDITIONS = {"mean_bos": ("mean", "bos"), "zero_bos": ("zero", "bos"),
@@ -92,13 +93,15 @@ def removed_by(st: LayerStats, idx, ids: torch.Tensor, rec, ablation: str, which
 
 def make_edit(st: LayerStats, idx, ids: torch.Tensor, ablation: str, which: str,
               control: bool = False, generator: torch.Generator | None = None,
-              heads=None, log: dict | None = None, gram: torch.Tensor | None = None):
+              heads=None, log: dict | None = None, gram: torch.Tensor | None = None,
+              write=None):
     """The edit (for ``extract.run(edits={l: ...})``) of one condition on the prompts ``idx``
     (ids (B, T) their token ids): new head outputs = old - removed. ``control``: remove instead
     the residual-space control (``residual_control``; needs ``gram``, the layer's
     ``residual_gram``). ``heads``: only these heads (default all). ``log`` collects the norms
     removed in the head outputs ("removed", "output") and in the residual stream ("resid",
-    where ``gram`` is given)."""
+    where ``gram`` is given), and, with ``write`` (``attention_write``), the actual change of
+    what the attention adds to the residual stream ("actual")."""
     if control and gram is None:
         raise ValueError("the control needs the layer's residual_gram(W_O, post-attention scale)")
 
@@ -113,7 +116,11 @@ def make_edit(st: LayerStats, idx, ids: torch.Tensor, ablation: str, which: str,
             log["output"] = log.get("output", 0.0) + float(rec.head_out.double().norm(dim=-1)[valid].sum())
             if gram is not None:
                 log["resid"] = log.get("resid", 0.0) + float(residual_norm(removed, gram)[valid].sum())
-        return (rec.head_out.double() - removed).to(rec.head_out.dtype)
+        new = (rec.head_out.double() - removed).to(rec.head_out.dtype)
+        if log is not None and write is not None:
+            change = (write(new) - write(rec.head_out)).norm(dim=-1)
+            log["actual"] = log.get("actual", 0.0) + float(change[valid.to(change.device)].sum())
+        return new
     return edit
 
 
@@ -154,6 +161,8 @@ class Ablation:
     bos_spread: list = field(default_factory=list)
     resid_norm: dict = field(default_factory=dict)   # condition -> (K,) sum of the residual-
     #                                                  stream norms removed (tag = its control)
+    actual_norm: dict = field(default_factory=dict)  # condition -> (K,) sum of the norms of the
+    #                                                  actual change of the attention's write
     n_layers: int = 0
     n_positions: int | None = None
     eps: float = D.EPS
@@ -214,11 +223,13 @@ def ablate(model: Model, texts: list[str], max_tokens: int = 150, eps: float = D
     delta = {c: np.zeros((len(layers), P)) for c in names}
     share = {c: np.zeros(len(layers)) for c in names}
     rnorm = {c: np.zeros(len(layers)) for c in names}
+    actual = {c: np.zeros(len(layers)) for c in names}
     bar = tqdm(total=len(layers) * len(names) * len(chunks), desc=f"{model.name}: ablations",
                unit="pass", disable=not progress)
     skipped = []
     for i, l in enumerate(layers):
         gram = residual_gram(model.out_proj(l), model.post_attn_scale(l), H)
+        write = attention_write(model, l)
         for ci, c in enumerate(names):
             ablation, which = CONDITIONS[c.removesuffix("_ctrl")]
             if not select(stats[l].S, which).any():
@@ -232,18 +243,20 @@ def ablate(model: Model, texts: list[str], max_tokens: int = 150, eps: float = D
             for j, idx in enumerate(chunks):
                 sub = batch.select(idx)
                 f = make_edit(stats[l], idx, sub.input_ids, ablation, which, c.endswith("_ctrl"),
-                              gen, log=log, gram=gram)
+                              gen, log=log, gram=gram, write=write)
                 r = extract.run(model, sub, loss=_sub(mask, idx, sub), edits={l: f},
                                 start=resid[idx[0]].start(l))
                 delta[c][i, idx] = _per_prompt(r.loss - clean[j])
                 bar.update(1)
             share[c][i] = log["removed"] / log["output"]
             rnorm[c][i] = log["resid"]
+            actual[c][i] = log["actual"]
     bar.close()
     clean_loss = np.concatenate([_per_prompt(x) for x in clean])
     return Ablation(model.name, layers, list(conditions), delta, share, clean_loss, skipped,
-                    tag_share.tolist(), sinks=_sink_summary(stats, layers, batch.input_ids),
+                    tag_share.tolist(), sinks=sink_summary(stats, layers, batch.input_ids),
                     bos_spread=[stats[l].bos_spread for l in range(L)], resid_norm=rnorm,
+                    actual_norm=actual,
                     n_layers=L, n_positions=n_positions, eps=eps, min_queries=min_queries,
                     same_first_token=bool(batch.input_ids[:, 0].unique().numel() == 1),
                     seconds=time.time() - t0,
@@ -258,26 +271,6 @@ def _per_prompt(x: torch.Tensor) -> np.ndarray:
     return torch.nanmean(x.float().double().cpu(), dim=1).numpy()
 
 
-def _sink_summary(stats: dict[int, LayerStats], layers, ids: torch.Tensor) -> dict:
-    """Per ablated layer: first-token and mid-prompt sinks per head, and the share of
-    mid-prompt sink occurrences whose (head, token) mean is taken over at least two prompts
-    (elsewhere the mean ablation removes nothing)."""
-    out = {}
-    for l in layers:
-        st = stats[l]
-        S = st.S
-        mid = select(S, "mid")
-        b, h, t = torch.nonzero(mid, as_tuple=True)
-        shared = None
-        if len(b):
-            support = st.n_prompts[h, torch.searchsorted(st.tokens, ids[b, t].cpu())]
-            shared = float(support.ge(2).double().mean())
-        out[l] = {"bos_per_head": float(S[..., 0].double().mean()),
-                  "mid_per_head": float(mid.sum(-1).double().mean()),
-                  "mean_over_2_prompts": shared}
-    return out
-
-
 def summary(a: Ablation) -> dict:
     """JSON-ready: per condition and layer, the mean change in loss over prompts."""
     return {"model": a.model, "layers": a.layers, "n_layers": a.n_layers,
@@ -288,6 +281,7 @@ def summary(a: Ablation) -> dict:
             "delta_by_prompt": {c: a.delta[c].tolist() for c in a.delta},
             "removed_share": {c: a.removed_share[c].tolist() for c in a.removed_share},
             "resid_norm": {c: a.resid_norm[c].tolist() for c in a.resid_norm},
+            "actual_norm": {c: a.actual_norm[c].tolist() for c in a.actual_norm},
             "skipped": [[l, c] for l, c in a.skipped], "tag_share": a.tag_share,
             "sinks": {str(l): v for l, v in a.sinks.items()},
             "bos_spread_max": float(max(a.bos_spread)) if a.bos_spread else None,

@@ -103,6 +103,12 @@ def _ci(p, f="{:+.4f}") -> str:
     return "-" if not np.isfinite(p).all() else f"{f.format(p[0])} [{f.format(p[1])}, {f.format(p[2])}]"
 
 
+def _share(num, den, i) -> str:
+    if num is None or den is None or not den[i] > 0:
+        return "-"
+    return f"{num[i] / den[i]:.2f}"
+
+
 def sinks_table(abl: dict) -> pd.DataFrame:
     """Per model and ablated layer: the sinks the ablations act on."""
     return pd.DataFrame([{"model": name, "layer": l,
@@ -114,7 +120,10 @@ def sinks_table(abl: dict) -> pd.DataFrame:
 
 def per_layer_table(abl: dict, iv: dict) -> pd.DataFrame:
     """One line per model, layer and ablation: the norm removed, the change in loss with the
-    tags ablated and with the control, and their difference (95% intervals over prompts)."""
+    tags ablated and with the control, and their difference (95% intervals over prompts); and
+    the norm of the actual change of what the attention writes into the residual stream, the
+    control's over the tags' (1 where the layer adds W_O's output as it is; Gemma-3's
+    post-attention norm divides by each token's RMS, which the rule's scale leaves out)."""
     rows = []
     for name, a in abl.items():
         for c in a.conditions:
@@ -124,7 +133,9 @@ def per_layer_table(abl: dict, iv: dict) -> pd.DataFrame:
                              "share of head-output norm removed": a.removed_share[c][i],
                              "change in loss, tags": "no such sink" if none else _ci(iv[name][c]["tag"][i]),
                              "... control": "-" if none else _ci(iv[name][c]["ctrl"][i]),
-                             "tags minus control": "-" if none else _ci(iv[name][c]["diff"][i])})
+                             "tags minus control": "-" if none else _ci(iv[name][c]["diff"][i]),
+                             "attention's write changed, control / tags":
+                                 _share(a.actual_norm.get(f"{c}_ctrl"), a.actual_norm.get(c), i)})
     return pd.DataFrame(rows)
 
 

@@ -86,6 +86,26 @@ def residual_control(removed: torch.Tensor, G: torch.Tensor,
     return u * scale.unsqueeze(-1)
 
 
+def attention_write(model, layer: int):
+    """f(head outputs (B, T, H, D)) -> what the layer adds to the residual stream from its
+    attention, (B, T, d_model) float32: W_O, then the post-attention norm where there is one
+    (Gemma-3's RMSNorm, with its per-token normalisation). A diagnostic of the control: the
+    rule matches norms through the norm's per-dimension scale only."""
+    from .. import arch as _arch
+
+    a = _arch.arch_of(model.config)
+    block = _arch.getpath(model.hf, a.layers)[layer]
+    o_proj = _arch.getpath(_arch.getpath(block, a.attn), a.out_proj)
+    name = _arch.post_attention_norm(block, a.attn)
+    norm = getattr(block, name) if name else None
+
+    def f(o: torch.Tensor) -> torch.Tensor:
+        w = next(o_proj.parameters())
+        y = o_proj(o.reshape(*o.shape[:2], -1).to(device=w.device, dtype=w.dtype))
+        return (norm(y) if norm is not None else y).float()
+    return f
+
+
 @dataclass
 class LayerStats:
     """What the clean pass keeps of one layer: its sinks, the mean value of each (head, token
@@ -175,3 +195,23 @@ def first_token_removed(st: LayerStats, A: torch.Tensor, V: torch.Tensor, S: tor
     valid = torch.arange(T, device=x.device).unsqueeze(0) < torch.tensor(lengths, device=x.device).unsqueeze(1)
     keep = (n >= 2).view(1, T) & valid                 # a position only one prompt reaches: left alone
     return torch.where(keep[:, :, None, None], x - others, torch.zeros_like(x))
+
+
+def sink_summary(stats: dict[int, LayerStats], layers, ids: torch.Tensor) -> dict:
+    """Per ablated layer: first-token and mid-prompt sinks per head, and the share of
+    mid-prompt sink occurrences whose (head, token) mean is taken over at least two prompts
+    (elsewhere the mean ablation removes nothing)."""
+    out = {}
+    for l in layers:
+        st = stats[l]
+        S = st.S
+        mid = select(S, "mid")
+        b, h, t = torch.nonzero(mid, as_tuple=True)
+        shared = None
+        if len(b):
+            support = st.n_prompts[h, torch.searchsorted(st.tokens, ids[b, t].cpu())]
+            shared = float(support.ge(2).double().mean())
+        out[l] = {"bos_per_head": float(S[..., 0].double().mean()),
+                  "mid_per_head": float(mid.sum(-1).double().mean()),
+                  "mean_over_2_prompts": shared}
+    return out

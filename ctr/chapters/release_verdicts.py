@@ -251,7 +251,26 @@ def swap_claims(name: str, s: Swap, iv: dict) -> list[dict]:
                         f"{diff[0]:+.3f} (sinks {sink[0]:+.3f}, control {ctl[0]:+.3f}); mean gap "
                         f"{g[0]:.2f} logits; {noop['contributing_pairs']} contributing pairs; {counts}")
             verdict, note = rule_swap(diff[0], diff[1], diff[2], noop["contributing_pairs"], no_op)
-            rows.append(V.row(cid, name, claim, NOT_IN_PAPER, ours,
-                              V.interval(diff[1], diff[2], "{:+.3f}"), rules.text(cid), verdict,
-                              settings=settings, **({"note": note} if note else {})))
+            interval = V.interval(diff[1], diff[2], "{:+.3f}")
+            rows.append(V.row(cid, name, claim, NOT_IN_PAPER, ours, interval, rules.text(cid),
+                              verdict, settings=settings, **({"note": note} if note else {})))
+            alt = rule_swap_label_alt(verdict, iv["gap"])
+            if by == "label" and alt is not None:
+                rows.append(V.row(f"{cid}_alt", name, claim, NOT_IN_PAPER, ours, interval, ALT_RULE,
+                                  alt[0], settings=settings, note=alt[1], reading=V.ALTERNATIVE))
     return rows
+
+
+ALT_RULE = ("alternative reading, not pre-registered: as swap_*, and also not testable here when "
+            "the label gap's 95% interval is not above 0 (the model does not separate the labels, "
+            "and a fraction of a gap that may be 0 measures nothing)")
+
+
+def rule_swap_label_alt(verdict: str, gap: tuple) -> tuple[str, str] | None:
+    """Our reading of swap_* for the label measure (not pre-registered): not testable here
+    when the label gap's 95% interval is not above 0. Returns (verdict, note) where it differs
+    from the pre-registered verdict, else None."""
+    lo, hi = gap[1], gap[2]
+    if verdict == V.UNTESTABLE or (not _bad(lo) and lo > 0):
+        return None
+    return V.UNTESTABLE, f"the label gap's 95% CI [{lo:+.3f}, {hi:+.3f}] logits is not above 0"
