@@ -310,6 +310,35 @@ def test_attention_write_is_what_the_layer_adds_from_its_attention(arch):
         assert torch.allclose(got[b, :n], seen["y"][b, :n].float(), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_the_alternative_control_matches_the_actual_change_of_the_attentions_write(arch):
+    m = models.load(f"tiny-random-{arch}")
+    if arch == "gemma3":
+        m.hf.model.layers[1].post_attention_layernorm.weight.data.normal_(
+            0, 0.5, generator=torch.Generator().manual_seed(3))
+    batch = m.encode(TEXT + ["A third prompt, a bit longer than that."])
+    rec = clean_layer(m, batch, 1)
+    st = layer_stats(m, batch, rec, eps=0.1, mq=1)
+    gram = R.residual_gram(m.out_proj(1), m.post_attn_scale(1), m.n_heads)
+    write = RM.attention_write(m, 1)
+    removed = R.removed_by(st, [0, 1, 2], batch.input_ids, rec, "zero", "all")
+    c = RM.matched_control(removed, rec.head_out, write, gram, torch.Generator().manual_seed(1))
+    base = write(rec.head_out)
+    want = (write((rec.head_out.double() - removed).float()) - base).norm(dim=-1)
+    got = (write((rec.head_out.double() - c).float()) - base).norm(dim=-1)
+    valid = torch.arange(rec.A.shape[-1]) < torch.tensor(rec.lengths).unsqueeze(1)
+    assert (want[valid] > 1e-3).sum() > 10
+    assert torch.allclose(got[valid], want[valid], rtol=1e-3, atol=1e-5)
+    # the rule's control, rescaled per token: the same directions
+    r = R.residual_control(removed, gram, torch.Generator().manual_seed(1))
+    k = (c.norm(dim=-1) / r.norm(dim=-1).clamp_min(1e-30))                # (B, T, H)
+    on = r.norm(dim=-1) > 0
+    assert torch.allclose(c[on], r[on] * k[on][:, None], atol=1e-9)
+    assert torch.allclose(k.amax(-1)[on.any(-1)], k.where(on, torch.inf).amin(-1)[on.any(-1)])
+    if arch == "gemma3":   # the per-token RMS makes the two controls differ
+        assert (k[on] - 1).abs().max() > 0.05
+
+
 def test_first_token_mean_ablation_replaces_each_tag_by_the_leave_one_out_mean(planted):
     m, l = planted, 1
     batch = m.encode(["The cat sat. It slept.", "A dog ran. He barked.", "Rain fell all day."])
@@ -373,6 +402,18 @@ def test_ablate_adds_the_layers_with_the_largest_tags_and_matches_the_residual_n
     for c in ("zero_bos", "zero_bos_ctrl"):
         assert 0.3 * a.resid_norm[c][0] < a.actual_norm[c][0] <= a.resid_norm[c][0] * (1 + 1e-5)
     assert a.delta["zero_bos"].shape == (1, 2) and np.isfinite(a.delta["zero_bos"]).all()
+    assert "zero_bos_ctrl_actual" not in a.delta              # only for the primary reading
+
+
+def test_the_first_token_row_has_an_alternative_with_the_actual_matched_control(planted):
+    texts = ["The cat sat. The dog ran. It rained all day.", "One. Two, three. Four and five."]
+    a = R.ablate(planted, texts, max_tokens=40, min_queries=2, layers=[1],
+                 conditions=("mean_bos",), progress=False)
+    # no post-attention norm: the actual change is W_O's image summed over the heads
+    assert a.actual_norm["mean_bos_ctrl_actual"][0] == pytest.approx(a.actual_norm["mean_bos"][0], rel=1e-3)
+    rows = RV.ablation_claims("planted", a, RV.ablation_intervals(a, n_boot=20))
+    assert [r["id"] for r in rows] == ["tags_lm_bos", "tags_lm_bos_alt"]
+    assert rows[1]["reading"] == V.ALTERNATIVE and rows[1]["rule"] == RV.ALT_CONTROL_RULE
 
 
 # --- the ordered rule: fabricated numbers -------------------------------------------------------------

@@ -40,13 +40,17 @@ from .. import definitions as D
 from .. import extract
 from ..models import Model
 from .release_means import (LayerStats, _Accumulator, attention_write,  # noqa: F401
-                            first_token_removed, means_at, removed_part, residual_control,
+                            first_token_removed, matched_control, means_at, removed_part,
+                            residual_control,
                             residual_gram, residual_norm, select, sink_summary)
 
 # condition -> (ablation, which sinks); each also runs with its random control ("<name>_ctrl")
 CONDITIONS = {"mean_bos": ("mean", "bos"), "zero_bos": ("zero", "bos"),
               "zero_mid": ("zero", "mid"), "mean_mid": ("mean", "mid")}
 NOTHING = 1e-6   # a removed norm below this share of the head outputs' norm is numerically nothing
+# conditions that also run the alternative control (not pre-registered), "<name>_ctrl_actual":
+# the rule's control scaled per token to the tag's actual change of the attention's write
+ACTUAL_CONTROL = ("mean_bos",)
 
 
 def cpu_seconds() -> float:
@@ -98,17 +102,23 @@ def make_edit(st: LayerStats, idx, ids: torch.Tensor, ablation: str, which: str,
     """The edit (for ``extract.run(edits={l: ...})``) of one condition on the prompts ``idx``
     (ids (B, T) their token ids): new head outputs = old - removed. ``control``: remove instead
     the residual-space control (``residual_control``; needs ``gram``, the layer's
-    ``residual_gram``). ``heads``: only these heads (default all). ``log`` collects the norms
+    ``residual_gram``); ``control="actual"``: the alternative control matched on the actual
+    change of the attention's write (``matched_control``; needs ``write`` too).
+    ``heads``: only these heads (default all). ``log`` collects the norms
     removed in the head outputs ("removed", "output") and in the residual stream ("resid",
     where ``gram`` is given), and, with ``write`` (``attention_write``), the actual change of
     what the attention adds to the residual stream ("actual")."""
     if control and gram is None:
         raise ValueError("the control needs the layer's residual_gram(W_O, post-attention scale)")
+    if control == "actual" and write is None:
+        raise ValueError("the actual-matched control needs the layer's attention_write")
 
     def edit(rec):
         T = rec.head_out.shape[1]
         removed = removed_by(st, idx, ids, rec, ablation, which, heads)
-        if control:
+        if control == "actual":
+            removed = matched_control(removed, rec.head_out, write, gram, generator)
+        elif control:
             removed = residual_control(removed, gram, generator)
         if log is not None:
             valid = (torch.arange(T).unsqueeze(0) < torch.tensor(rec.lengths).unsqueeze(1)).to(removed.device)
@@ -219,7 +229,9 @@ def ablate(model: Model, texts: list[str], max_tokens: int = 150, eps: float = D
     tag_share = norms[:, :2] / np.maximum(norms[:, 2:], 1e-300)              # (L, 2)
     if top:
         layers = sorted(set(layers) | set(np.argsort(-tag_share.sum(1), kind="stable")[:top].tolist()))
-    names = [c for n in conditions for c in (n, f"{n}_ctrl")]
+    base = [c for n in conditions for c in (n, f"{n}_ctrl")]
+    names = [c for n in conditions
+             for c in (n, f"{n}_ctrl") + ((f"{n}_ctrl_actual",) if n in ACTUAL_CONTROL else ())]
     delta = {c: np.zeros((len(layers), P)) for c in names}
     share = {c: np.zeros(len(layers)) for c in names}
     rnorm = {c: np.zeros(len(layers)) for c in names}
@@ -230,19 +242,22 @@ def ablate(model: Model, texts: list[str], max_tokens: int = 150, eps: float = D
     for i, l in enumerate(layers):
         gram = residual_gram(model.out_proj(l), model.post_attn_scale(l), H)
         write = attention_write(model, l)
-        for ci, c in enumerate(names):
-            ablation, which = CONDITIONS[c.removesuffix("_ctrl")]
+        for c in names:
+            ablation, which = CONDITIONS[c.removesuffix("_actual").removesuffix("_ctrl")]
+            control = "actual" if c.endswith("_actual") else c.endswith("_ctrl")
             if not select(stats[l].S, which).any():
                 # no such sink in any prompt: the edit removes exactly nothing (tested), so the
                 # pass would give the clean loss; it is not run
                 skipped.append((l, c))
                 bar.update(len(chunks))
                 continue
+            # the alternative control draws the same directions as the rule's control
+            ci = base.index(c.removesuffix("_actual"))
             gen = torch.Generator().manual_seed(seed * 1_000_003 + 1009 * l + ci)
             log: dict = {}
             for j, idx in enumerate(chunks):
                 sub = batch.select(idx)
-                f = make_edit(stats[l], idx, sub.input_ids, ablation, which, c.endswith("_ctrl"),
+                f = make_edit(stats[l], idx, sub.input_ids, ablation, which, control,
                               gen, log=log, gram=gram, write=write)
                 r = extract.run(model, sub, loss=_sub(mask, idx, sub), edits={l: f},
                                 start=resid[idx[0]].start(l))

@@ -106,6 +106,36 @@ def attention_write(model, layer: int):
     return f
 
 
+def matched_control(removed: torch.Tensor, out: torch.Tensor, write, gram: torch.Tensor,
+                    generator: torch.Generator | None = None, iters: int = 40) -> torch.Tensor:
+    """An alternative control (not pre-registered): the rule's control (``residual_control``)
+    times one factor k(t) per token, found by bisection so that the actual change of what the
+    attention writes into the residual stream (``attention_write``: W_O, then the
+    post-attention norm with its per-token RMS) equals the tag's, token by token over all heads.
+    removed, out (B, T, H, D): what the ablation removes, the head outputs. Where even a factor
+    of 2^30 cannot reach the tag's change, the largest factor is kept."""
+    r = residual_control(removed, gram, generator)
+    base = write(out)
+
+    def change(k):                                  # (B, T) for factors k (B, T)
+        new = (out.double() - k[..., None, None] * r).to(out.dtype)
+        return (write(new) - base).norm(dim=-1).double()
+    want = (write((out.double() - removed).to(out.dtype)) - base).norm(dim=-1).double()
+    lo = torch.zeros(want.shape, dtype=torch.float64, device=want.device)
+    hi = torch.ones_like(lo)
+    for _ in range(30):                             # grow hi until it reaches the target
+        short = change(hi) < want
+        if not short.any():
+            break
+        hi = torch.where(short, hi * 2, hi)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        under = change(mid) < want
+        lo, hi = torch.where(under, mid, lo), torch.where(under, hi, mid)
+    k = torch.where(want > 0, (lo + hi) / 2, torch.zeros_like(lo))
+    return r * k[..., None, None].to(r.device)
+
+
 @dataclass
 class LayerStats:
     """What the clean pass keeps of one layer: its sinks, the mean value of each (head, token

@@ -96,12 +96,21 @@ def ablation_intervals(a: Ablation, n_boot: int = stats.N_BOOT, seed: int = 0) -
         per = {k: [_iv(x[i], n_boot, seed) for i in range(len(a.layers))]
                for k, x in (("tag", tag), ("ctrl", ctl), ("diff", tag - ctl))}
         on = a.removed(c)
-        units = (tag - ctl)[on].mean(0) if on.any() else np.zeros(0)    # (P,)
-        units = units[np.isfinite(units)]
-        overall = _iv(units, n_boot, seed) if len(units) else (math.nan,) * 3
+        overall, n = _overall(tag - ctl, on, n_boot, seed)
         out[c] = {**per, "overall": overall, "removed": bool(on.any()),
-                  "layers_removed": [l for l, o in zip(a.layers, on) if o], "n_units": len(units)}
+                  "layers_removed": [l for l, o in zip(a.layers, on) if o], "n_units": n}
+        alt = a.delta.get(f"{c}_ctrl_actual")
+        if alt is not None:          # the alternative control (not pre-registered)
+            out[c]["ctrl_actual"] = [_iv(alt[i], n_boot, seed) for i in range(len(a.layers))]
+            out[c]["overall_actual"] = _overall(tag - alt, on, n_boot, seed)[0]
     return out
+
+
+def _overall(diff: np.ndarray, on: np.ndarray, n_boot: int, seed: int):
+    """Per prompt, the mean over the layers ``on`` of ``diff`` (K, P): (mean, lo, hi), units."""
+    units = diff[on].mean(0) if on.any() else np.zeros(0)
+    units = units[np.isfinite(units)]
+    return (_iv(units, n_boot, seed) if len(units) else (math.nan,) * 3), len(units)
 
 
 def _ratio(u: np.ndarray) -> float:
@@ -210,7 +219,24 @@ def ablation_claims(name: str, a: Ablation, iv: dict) -> list[dict]:
         rows.append(V.row(cid, name, claim, NOT_IN_PAPER, ours, V.interval(lo, hi, "{:+.4f}"),
                           rules.text(cid), verdict, settings=settings,
                           **({"note": note} if note else {})))
+        if "overall_actual" in r:
+            pt, lo, hi = r["overall_actual"]
+            verdict, note = rule_tags(pt, lo, hi, r["n_units"], r["removed"])
+            ours = (f"change in loss, tag minus the control matched on the attention's actual "
+                    f"write, mean over layers {r['layers_removed']}: {pt:+.4f} nats"
+                    if r["removed"] else "nothing removed")
+            rows.append(V.row(f"{cid}_alt", name, claim, NOT_IN_PAPER, ours,
+                              V.interval(lo, hi, "{:+.4f}"), ALT_CONTROL_RULE, verdict,
+                              settings=settings, reading=V.ALTERNATIVE,
+                              **({"note": note} if note else {})))
     return rows
+
+
+ALT_CONTROL_RULE = (
+    "alternative reading, not pre-registered: the ordered rule of tags_lm_bos with the control "
+    "matched on the actual change of what the attention writes into the residual stream (the "
+    "rule's control, scaled per token so that after W_O and the whole post-attention norm, its "
+    "per-token RMS included, the change equals the tag's, summed over the heads)")
 
 
 SWAP_CLAIMS = {
