@@ -99,15 +99,22 @@ def attention_write(model, layer: int):
     name = _arch.post_attention_norm(block, a.attn)
     norm = getattr(block, name) if name else None
 
+    w = next(o_proj.parameters())
+
+    def proj(o: torch.Tensor) -> torch.Tensor:
+        return o_proj(o.reshape(*o.shape[:2], -1).to(device=w.device, dtype=w.dtype))
+
+    def after(y: torch.Tensor) -> torch.Tensor:
+        return (norm(y.to(w.dtype)) if norm is not None else y).float()
+
     def f(o: torch.Tensor) -> torch.Tensor:
-        w = next(o_proj.parameters())
-        y = o_proj(o.reshape(*o.shape[:2], -1).to(device=w.device, dtype=w.dtype))
-        return (norm(y) if norm is not None else y).float()
+        return after(proj(o))
+    f.proj, f.after = proj, after
     return f
 
 
 def matched_control(removed: torch.Tensor, out: torch.Tensor, write, gram: torch.Tensor,
-                    generator: torch.Generator | None = None, iters: int = 40) -> torch.Tensor:
+                    generator: torch.Generator | None = None, iters: int = 30) -> torch.Tensor:
     """An alternative control (not pre-registered): the rule's control (``residual_control``)
     times one factor k(t) per token, found by bisection so that the actual change of what the
     attention writes into the residual stream (``attention_write``: W_O, then the
@@ -116,10 +123,11 @@ def matched_control(removed: torch.Tensor, out: torch.Tensor, write, gram: torch
     of 2^30 cannot reach the tag's change, the largest factor is kept."""
     r = residual_control(removed, gram, generator)
     base = write(out)
+    y0 = write.proj(out).double()                                           # (B, T, d_model)
+    yr = y0 - write.proj((out.double() - r).to(out.dtype)).double()        # W_O's image of r
 
-    def change(k):                                  # (B, T) for factors k (B, T)
-        new = (out.double() - k[..., None, None] * r).to(out.dtype)
-        return (write(new) - base).norm(dim=-1).double()
+    def change(k):                                  # (B, T) for factors k (B, T): the norm only
+        return (write.after(y0 - k[..., None] * yr) - base).norm(dim=-1).double()
     want = (write((out.double() - removed).to(out.dtype)) - base).norm(dim=-1).double()
     lo = torch.zeros(want.shape, dtype=torch.float64, device=want.device)
     hi = torch.ones_like(lo)
