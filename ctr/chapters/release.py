@@ -1,36 +1,31 @@
 r"""Release, tested (beyond the paper), part 1: does next-token prediction need the tags?
 
 The paper shows that tags exist and can be read by a probe; it never removes one. Here, for one
-layer at a time, the tag part of every head's output is removed and the change in next-token
-cross-entropy is measured, against a control that removes the same norm from a random subspace
-of the same dimension of the same heads. Sinks as in the variance chapter: a key is a sink of
-head (l, h) in a prompt when its alpha exceeds eps (0.2) and at least ``min_queries`` queries see
-it (the tail guard).
+layer at a time, the tag part of every head's output is removed (or mean-ablated) and the change
+in next-token cross-entropy is measured, against a control that removes the same norm in the
+residual stream along a random direction of each head's value space (``release_means``: what
+each ablation removes, and the control). Sinks as in the variance chapter: a key is a sink of
+head (l, h) in a prompt when its alpha exceeds eps (0.2) and at least ``min_queries`` queries
+see it (the tail guard).
 
-Ablations of head (l, h) on one prompt, S its sinks, o(t) = sum_k A[t,k] v_k its output:
+Conditions (``CONDITIONS``), each with its control ("<name>_ctrl"):
 
-- ``zero``: remove z_tag, o(t) - sum_{s in S} A[t,s] v_s (catch and tag go);
-- ``mean``: replace each sink's value by that sink token's mean value, o(t) - sum_{s in S}
-  A[t,s] (v_s - m(l,h,tok_s)). m(l,h,tok) is the mean value vector of head (l, h) over every
-  occurrence, in every prompt of the set, of token id tok *as a sink of that head*: the part of
-  the tag that every such sink shares stays (so does the catch: A is not touched), the part
-  that is specific to this prompt goes. Only sink occurrences enter the mean, because a sink
-  "." may differ systematically from a non-sink "."; a token that is a sink of the head in only
-  one prompt is its own mean there and loses nothing (the chapter reports how often).
-- ``bos`` / ``mid``: the sinks at position 0 only (BOS, where the model's BOS policy prepends
-  one; else the first text token), or every other sink. The first token sees only itself, so
-  its value vector depends on its token id alone (the same in every prompt when it is BOS):
-  mean-ablating it by token is exactly a no-op (checked in the clean pass, ``bos_spread``), and
-  only ``zero`` is run for it.
-- control: per (prompt, head) a uniformly random subspace Q of dimension k (the number of
-  sinks removed); at every token the part of o(t) in Q, rescaled to the norm of what the
-  ablation removes there, is removed instead (``random_control``).
+- ``mean_bos``: the first-token tags mean-ablated (each head's x_p(t) = A[t,0] v_0, where
+  position 0 is a sink, replaced by its mean over the other prompts at t): the information the
+  tag carries goes, its average stays. The primary reading of RULES.md's tags_lm_bos;
+- ``zero_bos``: the first-token tags removed (shown beside it, no verdict);
+- ``zero_mid``: the mid-prompt tags removed (tags_lm_mid);
+- ``mean_mid``: each mid-prompt sink's value replaced by that sink token's mean value over its
+  occurrences as a sink of the head in the prompt set (tags_lm_specific): the part specific to
+  this prompt goes; a token that is a sink of the head in one prompt only loses nothing.
+
+Position 0 holds BOS where the model's BOS policy prepends one, else the first text token.
 
 Cost: an ablated pass changes nothing below its layer, so it starts from the clean run's
 residual stream there (``extract.run(start=...)``), and the loss may be scored on a seeded
 subset of positions shared by every condition (Gemma-3's 262k-token head dominates a pass).
-The clean pass's sink means are kept by ``release_means``; the swap experiment (part 2) is in
-``release_swap`` (prompts: ``release_prompts``), the verdict rules in ``release_verdicts``.
+The swap experiment (part 2) is in ``release_swap`` (prompts: ``release_prompts``), the
+verdict rules in ``release_verdicts``.
 """
 from __future__ import annotations
 
@@ -44,10 +39,18 @@ from tqdm import tqdm   # text bars: they go to the log, never into the HTML
 from .. import definitions as D
 from .. import extract
 from ..models import Model
-from .release_means import LayerStats, _Accumulator, means_at, select  # noqa: F401
+from .release_means import (LayerStats, _Accumulator, attention_write,  # noqa: F401
+                            first_token_removed, matched_control, means_at, removed_part,
+                            residual_control,
+                            residual_gram, residual_norm, select, sink_summary)
 
 # condition -> (ablation, which sinks); each also runs with its random control ("<name>_ctrl")
-CONDITIONS = {"zero_bos": ("zero", "bos"), "zero_mid": ("zero", "mid"), "mean_mid": ("mean", "mid")}
+CONDITIONS = {"mean_bos": ("mean", "bos"), "zero_bos": ("zero", "bos"),
+              "zero_mid": ("zero", "mid"), "mean_mid": ("mean", "mid")}
+NOTHING = 1e-6   # a removed norm below this share of the head outputs' norm is numerically nothing
+# conditions that also run the alternative control (not pre-registered), "<name>_ctrl_actual":
+# the rule's control scaled per token to the tag's actual change of the attention's write
+ACTUAL_CONTROL = ("mean_bos",)
 
 
 def cpu_seconds() -> float:
@@ -59,74 +62,75 @@ def cpu_seconds() -> float:
 
 def sink_mask(A: torch.Tensor, lengths, window: int | None, eps: float,
               min_queries: int) -> torch.Tensor:
-    """Sinks (B, H, T) of every head of one layer, each prompt on its own length.
+    """Sinks (B, H, T) of every head of one layer, each prompt on its own length (on the CPU).
     A (B, H, T, T) right-padded attention; padding columns are never sinks."""
     B, H, T, _ = A.shape
     S = torch.zeros(B, H, T, dtype=torch.bool)
     for n in sorted(set(lengths)):
         idx = [b for b, m in enumerate(lengths) if m == n]
         a = D.alpha(A[idx][:, :, :n, :n].float(), window, min_queries)      # (b, H, n)
-        S[idx, :, :n] = D.sinks(a, eps)
+        S[idx, :, :n] = D.sinks(a, eps).cpu()
     return S
 
 
-def removed_part(A: torch.Tensor, V: torch.Tensor, S: torch.Tensor,
-                 M: torch.Tensor | None = None) -> torch.Tensor:
-    """What an ablation takes out of the head outputs, (B, T, H, D), in float64.
-
-    A (B, H, T, T), V (B, H, T, D), S (B, H, T) the sinks ablated. M None: z_tag =
-    sum_{s in S} A[t,s] v_s. M (B, H, T, D) the mean value at each sink: sum A[t,s] (v_s - m_s).
-    """
-    W = A.double() * S.unsqueeze(-2).double()                               # (B, H, T, T)
-    X = V.double() if M is None else V.double() - M.double()
-    return (W @ X).transpose(1, 2)
-
-
-def random_control(O: torch.Tensor, removed: torch.Tensor, k: torch.Tensor,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """The control for ``removed``: per (prompt, head) a random k-dim subspace Q of R^D (k from
-    ``k`` (B, H); k = 0 removes nothing); at every token the projection of the head output onto
-    Q, rescaled to the norm of ``removed`` at that token. O, removed (B, T, H, D); returns the
-    (B, T, H, D) float64 part to remove, with ||out(t)|| = ||removed(t)|| for every (b, t, h)
-    where the projection is not zero."""
-    B, T, H, Dh = O.shape
-    K = max(int(k.max()), 1) if k.numel() else 1
-    G = torch.randn(B, H, Dh, K, generator=generator, dtype=torch.float64)
-    Q, _ = torch.linalg.qr(G)                                               # (B, H, D, K)
-    Q = Q * (torch.arange(K) < k.unsqueeze(-1)).unsqueeze(-2).to(Q.dtype)   # keep k columns
-    Oh = O.double().transpose(1, 2)                                         # (B, H, T, D)
-    P = (Oh @ Q) @ Q.transpose(-1, -2)                                      # (B, H, T, D)
-    want = removed.double().transpose(1, 2).norm(dim=-1, keepdim=True)      # (B, H, T, 1)
-    have = P.norm(dim=-1, keepdim=True)
-    scale = torch.where(have > 0, want / have.clamp_min(1e-300), torch.zeros_like(have))
-    return (P * scale).transpose(1, 2)
+def removed_by(st: LayerStats, idx, ids: torch.Tensor, rec, ablation: str, which: str,
+               heads=None) -> torch.Tensor:
+    """What one condition removes from the head outputs of the prompts ``idx`` (ids (B, T)
+    their token ids) at a layer whose clean-pass record is ``rec``: (B, T, H, D) float64."""
+    if ablation not in ("zero", "mean"):
+        raise ValueError(f"ablation={ablation!r}: use 'zero' (remove z_tag) or 'mean'")
+    T = rec.head_out.shape[1]
+    S = select(st.S[idx][:, :, :T], which)
+    if heads is not None:
+        keep = torch.zeros(S.shape[1], dtype=torch.bool)
+        keep[list(heads)] = True
+        S = S & keep.view(1, -1, 1)
+    dev = rec.A.device
+    if ablation == "mean" and which == "bos":
+        return first_token_removed(st, rec.A, rec.V, S.to(dev), rec.lengths)
+    if ablation == "mean" and which != "mid":
+        raise ValueError("mean-ablation is defined for the first token ('bos') or the "
+                         "mid-prompt sinks ('mid'), one at a time")
+    M = means_at(st, idx, ids[:, :T], S).to(dev) if ablation == "mean" else None
+    return removed_part(rec.A, rec.V, S.to(dev), M)
 
 
 def make_edit(st: LayerStats, idx, ids: torch.Tensor, ablation: str, which: str,
               control: bool = False, generator: torch.Generator | None = None,
-              heads=None, log: dict | None = None):
+              heads=None, log: dict | None = None, gram: torch.Tensor | None = None,
+              write=None):
     """The edit (for ``extract.run(edits={l: ...})``) of one condition on the prompts ``idx``
-    (ids (B, T) their token ids): new head outputs = old - removed. ``heads``: only these heads
-    (default all). ``log`` collects the norms removed."""
-    if ablation not in ("zero", "mean"):
-        raise ValueError(f"ablation={ablation!r}: use 'zero' (remove z_tag) or 'mean'")
+    (ids (B, T) their token ids): new head outputs = old - removed. ``control``: remove instead
+    the residual-space control (``residual_control``; needs ``gram``, the layer's
+    ``residual_gram``); ``control="actual"``: the alternative control matched on the actual
+    change of the attention's write (``matched_control``; needs ``write`` too).
+    ``heads``: only these heads (default all). ``log`` collects the norms
+    removed in the head outputs ("removed", "output") and in the residual stream ("resid",
+    where ``gram`` is given), and, with ``write`` (``attention_write``), the actual change of
+    what the attention adds to the residual stream ("actual")."""
+    if control and gram is None:
+        raise ValueError("the control needs the layer's residual_gram(W_O, post-attention scale)")
+    if control == "actual" and write is None:
+        raise ValueError("the actual-matched control needs the layer's attention_write")
 
     def edit(rec):
-        B, T = rec.head_out.shape[:2]
-        S = select(st.S[idx][:, :, :T], which)
-        if heads is not None:
-            keep = torch.zeros(S.shape[1], dtype=torch.bool)
-            keep[list(heads)] = True
-            S = S & keep.view(1, -1, 1)
-        M = means_at(st, idx, ids[:, :T], S) if ablation == "mean" else None
-        removed = removed_part(rec.A, rec.V, S, M)
-        if control:
-            removed = random_control(rec.head_out, removed, S.sum(-1), generator)
+        T = rec.head_out.shape[1]
+        removed = removed_by(st, idx, ids, rec, ablation, which, heads)
+        if control == "actual":
+            removed = matched_control(removed, rec.head_out, write, gram, generator)
+        elif control:
+            removed = residual_control(removed, gram, generator)
         if log is not None:
-            valid = torch.arange(T).unsqueeze(0) < torch.tensor(rec.lengths).unsqueeze(1)
+            valid = (torch.arange(T).unsqueeze(0) < torch.tensor(rec.lengths).unsqueeze(1)).to(removed.device)
             log["removed"] = log.get("removed", 0.0) + float(removed.norm(dim=-1)[valid].sum())
             log["output"] = log.get("output", 0.0) + float(rec.head_out.double().norm(dim=-1)[valid].sum())
-        return (rec.head_out.double() - removed).to(rec.head_out.dtype)
+            if gram is not None:
+                log["resid"] = log.get("resid", 0.0) + float(residual_norm(removed, gram)[valid].sum())
+        new = (rec.head_out.double() - removed).to(rec.head_out.dtype)
+        if log is not None and write is not None:
+            change = (write(new) - write(rec.head_out)).norm(dim=-1)
+            log["actual"] = log.get("actual", 0.0) + float(change[valid.to(change.device)].sum())
+        return new
     return edit
 
 
@@ -165,10 +169,22 @@ class Ablation:
     #                                                sum ||o|| over heads, tokens, prompts (clean)
     sinks: dict = field(default_factory=dict)   # per layer: bos, mid sinks per head, mean support
     bos_spread: list = field(default_factory=list)
+    resid_norm: dict = field(default_factory=dict)   # condition -> (K,) sum of the residual-
+    #                                                  stream norms removed (tag = its control)
+    actual_norm: dict = field(default_factory=dict)  # condition -> (K,) sum of the norms of the
+    #                                                  actual change of the attention's write
     n_layers: int = 0
     n_positions: int | None = None
+    eps: float = D.EPS
+    min_queries: int = 16
+    same_first_token: bool = False   # every prompt starts with the same token (e.g. BOS)
     seconds: float = 0.0
     cpu: float = 0.0
+
+    def removed(self, c: str) -> np.ndarray:
+        """(K,) bool: the layers where condition ``c`` removed something (more than ``NOTHING``
+        of the head outputs' norm)."""
+        return np.nan_to_num(self.removed_share[c]) > NOTHING
 
 
 def ablate(model: Model, texts: list[str], max_tokens: int = 150, eps: float = D.EPS,
@@ -198,10 +214,12 @@ def ablate(model: Model, texts: list[str], max_tokens: int = 150, eps: float = D
 
         def collect(rec, idx=idx, sub=sub):
             S = sink_mask(rec.A, rec.lengths, rec.window, eps, min_queries)
-            acc[rec.layer].add(idx, sub.input_ids, S, rec.V)
-            valid = torch.arange(rec.A.shape[-1]).unsqueeze(0) < torch.tensor(rec.lengths).unsqueeze(1)
+            acc[rec.layer].add(idx, sub.input_ids, S, rec.V, rec.A, rec.lengths)
+            Sd = S.to(rec.A.device)
+            valid = (torch.arange(rec.A.shape[-1]).unsqueeze(0)
+                     < torch.tensor(rec.lengths).unsqueeze(1)).to(rec.A.device)
             for j, which in enumerate(("bos", "mid")):
-                norms[rec.layer, j] += float(removed_part(rec.A, rec.V, select(S, which))
+                norms[rec.layer, j] += float(removed_part(rec.A, rec.V, select(Sd, which))
                                              .norm(dim=-1)[valid].sum())
             norms[rec.layer, 2] += float(rec.head_out.double().norm(dim=-1)[valid].sum())
         r = extract.run(model, sub, loss=_sub(mask, idx, sub), keep_resid=True, on_layer=collect)
@@ -211,38 +229,52 @@ def ablate(model: Model, texts: list[str], max_tokens: int = 150, eps: float = D
     tag_share = norms[:, :2] / np.maximum(norms[:, 2:], 1e-300)              # (L, 2)
     if top:
         layers = sorted(set(layers) | set(np.argsort(-tag_share.sum(1), kind="stable")[:top].tolist()))
-    names = [c for n in conditions for c in (n, f"{n}_ctrl")]
+    base = [c for n in conditions for c in (n, f"{n}_ctrl")]
+    names = [c for n in conditions
+             for c in (n, f"{n}_ctrl") + ((f"{n}_ctrl_actual",) if n in ACTUAL_CONTROL else ())]
     delta = {c: np.zeros((len(layers), P)) for c in names}
     share = {c: np.zeros(len(layers)) for c in names}
+    rnorm = {c: np.zeros(len(layers)) for c in names}
+    actual = {c: np.zeros(len(layers)) for c in names}
     bar = tqdm(total=len(layers) * len(names) * len(chunks), desc=f"{model.name}: ablations",
                unit="pass", disable=not progress)
     skipped = []
     for i, l in enumerate(layers):
-        for ci, c in enumerate(names):
-            ablation, which = CONDITIONS[c.removesuffix("_ctrl")]
+        gram = residual_gram(model.out_proj(l), model.post_attn_scale(l), H)
+        write = attention_write(model, l)
+        for c in names:
+            ablation, which = CONDITIONS[c.removesuffix("_actual").removesuffix("_ctrl")]
+            control = "actual" if c.endswith("_actual") else c.endswith("_ctrl")
             if not select(stats[l].S, which).any():
                 # no such sink in any prompt: the edit removes exactly nothing (tested), so the
                 # pass would give the clean loss; it is not run
                 skipped.append((l, c))
                 bar.update(len(chunks))
                 continue
+            # the alternative control draws the same directions as the rule's control
+            ci = base.index(c.removesuffix("_actual"))
             gen = torch.Generator().manual_seed(seed * 1_000_003 + 1009 * l + ci)
             log: dict = {}
             for j, idx in enumerate(chunks):
                 sub = batch.select(idx)
-                f = make_edit(stats[l], idx, sub.input_ids, ablation, which, c.endswith("_ctrl"),
-                              gen, log=log)
+                f = make_edit(stats[l], idx, sub.input_ids, ablation, which, control,
+                              gen, log=log, gram=gram, write=write)
                 r = extract.run(model, sub, loss=_sub(mask, idx, sub), edits={l: f},
                                 start=resid[idx[0]].start(l))
                 delta[c][i, idx] = _per_prompt(r.loss - clean[j])
                 bar.update(1)
             share[c][i] = log["removed"] / log["output"]
+            rnorm[c][i] = log["resid"]
+            actual[c][i] = log["actual"]
     bar.close()
     clean_loss = np.concatenate([_per_prompt(x) for x in clean])
     return Ablation(model.name, layers, list(conditions), delta, share, clean_loss, skipped,
-                    tag_share.tolist(),
-                    sinks=_sink_summary(stats, layers, batch.input_ids), bos_spread=[stats[l].bos_spread for l in range(L)],
-                    n_layers=L, n_positions=n_positions, seconds=time.time() - t0,
+                    tag_share.tolist(), sinks=sink_summary(stats, layers, batch.input_ids),
+                    bos_spread=[stats[l].bos_spread for l in range(L)], resid_norm=rnorm,
+                    actual_norm=actual,
+                    n_layers=L, n_positions=n_positions, eps=eps, min_queries=min_queries,
+                    same_first_token=bool(batch.input_ids[:, 0].unique().numel() == 1),
+                    seconds=time.time() - t0,
                     cpu=cpu_seconds() - c0)
 
 
@@ -251,37 +283,20 @@ def _sub(mask, idx, sub):
 
 
 def _per_prompt(x: torch.Tensor) -> np.ndarray:
-    return torch.nanmean(x.double(), dim=1).numpy()
-
-
-def _sink_summary(stats: dict[int, LayerStats], layers, ids: torch.Tensor) -> dict:
-    """Per ablated layer: BOS and mid-prompt sinks per head, and the share of mid-prompt sink
-    occurrences whose (head, token) mean is taken over at least two prompts (elsewhere the
-    mean ablation removes nothing)."""
-    out = {}
-    for l in layers:
-        st = stats[l]
-        S = st.S
-        mid = select(S, "mid")
-        b, h, t = torch.nonzero(mid, as_tuple=True)
-        shared = None
-        if len(b):
-            support = st.n_prompts[h, torch.searchsorted(st.tokens, ids[b, t])]
-            shared = float(support.ge(2).double().mean())
-        out[l] = {"bos_per_head": float(S[..., 0].double().mean()),
-                  "mid_per_head": float(mid.sum(-1).double().mean()),
-                  "mean_over_2_prompts": shared}
-    return out
+    return torch.nanmean(x.float().double().cpu(), dim=1).numpy()
 
 
 def summary(a: Ablation) -> dict:
     """JSON-ready: per condition and layer, the mean change in loss over prompts."""
     return {"model": a.model, "layers": a.layers, "n_layers": a.n_layers,
             "conditions": a.conditions, "n_positions": a.n_positions,
-            "clean_loss": float(a.clean_loss.mean()),
+            "clean_loss": float(a.clean_loss.mean()), "eps": a.eps, "min_queries": a.min_queries,
+            "same_first_token": a.same_first_token,
             "delta": {c: a.delta[c].mean(1).tolist() for c in a.delta},
             "delta_by_prompt": {c: a.delta[c].tolist() for c in a.delta},
             "removed_share": {c: a.removed_share[c].tolist() for c in a.removed_share},
+            "resid_norm": {c: a.resid_norm[c].tolist() for c in a.resid_norm},
+            "actual_norm": {c: a.actual_norm[c].tolist() for c in a.actual_norm},
             "skipped": [[l, c] for l, c in a.skipped], "tag_share": a.tag_share,
             "sinks": {str(l): v for l, v in a.sinks.items()},
             "bos_spread_max": float(max(a.bos_spread)) if a.bos_spread else None,

@@ -122,3 +122,10 @@ def city_pairs(model: Model, n_pairs: int = 200, seed: int = 0) -> Pairs:
                     yield prompt(city, true), prompt(city, k)
                     break
     return _pairs(model, "cities", candidates(), n_pairs)
+
+
+def pairs_for(model: Model, task: str, n_pairs: int = 200, seed: int = 0) -> Pairs:
+    """``n_pairs`` aligned pairs of ``task`` ("sentiment" or "cities")."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: use one of {', '.join(TASKS)}")
+    return (sentiment_pairs if task == "sentiment" else city_pairs)(model, n_pairs, seed)

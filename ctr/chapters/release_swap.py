@@ -14,7 +14,11 @@ vectors of some (head, position) cells replaced by the donor's at the same posit
   values carry at all).
 
 The tokens both prompts share before their first difference have the same values in both
-(causal attention), so swapping them is exactly a no-op; position 0 included. With LD = logit(answer
+(causal attention), so swapping them is a no-op; position 0 included. Which swapped cells are
+no-ops is read from the data (``differing_cells``: the donor's and the recipient's values
+compared), not inferred from positions: a value can also agree after the difference (at the
+first layer a value depends on its token alone). A directed pair whose swapped cells all agree
+is not run (it moves nothing). With LD = logit(answer
 of label 1) - logit(answer of label 0) at the final token and s = +1 if the donor's label is 1
 (else -1), the label gap of a directed pair is s (LD_d - LD_r) and the swap moves
 s (LD_{r<-d} - LD_r); the fraction moved is sum(moved) / sum(gap), bootstrapped over pairs. The
@@ -34,7 +38,7 @@ from .. import definitions as D
 from .. import extract
 from ..models import Model
 from .release import cpu_seconds, sink_mask
-from .release_prompts import TASKS, Pairs, city_pairs, sentiment_pairs  # noqa: F401
+from .release_prompts import TASKS, Pairs, city_pairs, pairs_for, sentiment_pairs  # noqa: F401
 
 CONDITIONS = ("head_sink", "head_ctrl", "layer_sink", "layer_ctrl", "layer_all")
 
@@ -79,6 +83,22 @@ def select_head(model: Model, task: str, eps: float = D.EPS, n: int = 200, n_tra
             "from": f"probes.probe_task here ({n} prompts, {n_train} for training), guarded protocol"}
 
 
+def head_for(probes_results: dict | None, model: Model, task: str, eps: float = D.EPS,
+             n: int = 200, seed: int = 0, batch_size: int = 32) -> dict:
+    """The head to swap for ``task``: the probes chapter's choice (``probe_head``) where its
+    results have this model, else the same choice made here (``select_head``, ``n`` prompts,
+    half for training); with the guard it was chosen under and the time it took."""
+    from .probes_features import guard_for
+
+    t0, c0 = time.time(), cpu_seconds()
+    h = probe_head(probes_results, model.name, task)
+    if h is None:
+        h = select_head(model, task, eps=eps, n=n, n_train=n // 2, seed=seed, batch_size=batch_size)
+    h["min_queries"] = h.get("min_queries") or guard_for(eps)
+    h["seconds"], h["cpu_seconds"] = round(time.time() - t0, 1), round(cpu_seconds() - c0, 1)
+    return h
+
+
 # --- the swap -------------------------------------------------------------------------------------
 
 def control_positions(S: torch.Tensor, n: int) -> torch.Tensor:
@@ -109,12 +129,25 @@ def cells(condition: str, S: torch.Tensor, head: int, lengths) -> torch.Tensor:
     return out
 
 
+NOOP_RTOL = {torch.float32: 1e-5, torch.float64: 1e-9}   # 16-bit dtypes: 1e-2
+
+
+def differing_cells(V_donor: torch.Tensor, V_recipient: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """The swapped cells (H, T) whose donor value differs from the recipient's: ||v_d - v_r||
+    above ``NOOP_RTOL`` (by dtype) times ||v_r||, so that two computations of the same value in
+    different batches count as the same. V_donor, V_recipient (H, T, D); C (H, T) swapped."""
+    rtol = NOOP_RTOL.get(V_recipient.dtype, 1e-2)
+    diff = (V_donor.float() - V_recipient.float()).norm(dim=-1)
+    return C & (diff > rtol * V_recipient.float().norm(dim=-1))
+
+
 def swap_edit(V_donor: torch.Tensor, C: torch.Tensor):
     """Edit: the values of cells C (B, H, T) replaced by the donor's V_donor (B, H, T, D);
     outputs change by A (V' - V) only where C is set (every other output is kept exactly)."""
     def edit(rec):
         T = rec.head_out.shape[1]
-        dV = (V_donor[:, :, :T].to(rec.V.dtype) - rec.V) * C[:, :, :T].unsqueeze(-1).to(rec.V.dtype)
+        Vd = V_donor[:, :, :T].to(device=rec.V.device, dtype=rec.V.dtype)
+        dV = (Vd - rec.V) * C[:, :, :T].unsqueeze(-1).to(device=rec.V.device, dtype=rec.V.dtype)
         return rec.head_out + (rec.A @ dV).transpose(1, 2)
     return edit
 
@@ -131,13 +164,17 @@ class Swap:
     directed: list[tuple[int, int]]  # (recipient, donor) prompt indices
     swapped: dict[str, np.ndarray] = field(default_factory=dict)   # condition -> (M,) LD after
     n_cells: dict[str, np.ndarray] = field(default_factory=dict)   # condition -> (M,) cells swapped
-    n_cells_differ: dict[str, np.ndarray] = field(default_factory=dict)   # ... at or after the difference
+    n_cells_differ: dict[str, np.ndarray] = field(default_factory=dict)   # ... at or after the
+    #                                                                first difference (positions)
+    n_cells_changed: dict[str, np.ndarray] = field(default_factory=dict)  # ... whose donor value
+    #                                                                differs (data): 0 = a no-op
     mass: dict[str, np.ndarray] = field(default_factory=dict)      # condition -> (M,) final token's
     #                                                                attention on them (head mean)
     run: dict[str, int] = field(default_factory=dict)   # condition -> directed pairs run (the rest
-    #                                                     swap only cells before the difference)
+    #                                                     are no-ops: every swapped value agrees)
     seconds: float = 0.0
     cpu: float = 0.0
+    eps: float = D.EPS
 
     def moved(self, condition: str, by: str = "label") -> tuple[np.ndarray, np.ndarray]:
         """Per directed pair: (how far the swap moved LD toward the donor, the gap to the donor).
@@ -175,7 +212,8 @@ def swap(model: Model, pairs: Pairs, layer: int | None, head: int | None, eps: f
     directed = [(2 * i, 2 * i + 1) for i in range(len(pairs))]
     directed = ([(r, d) for a, b in directed for r, d in ((a, b), (b, a))] if both_directions
                 else [(a, b) if i % 2 == 0 else (b, a) for i, (a, b) in enumerate(directed)])
-    out = Swap(pairs.task, model.name, layer, head, source, min_queries, np.zeros(N2), directed)
+    out = Swap(pairs.task, model.name, layer, head, source, min_queries, np.zeros(N2), directed,
+               eps=eps)
     order = sorted(range(N2), key=lambda i: (len(model.ids(pairs.texts[i])), i))
     V, S, R, A = {}, {}, {}, {}
     for k in range(0, N2, batch_size):
@@ -188,14 +226,14 @@ def swap(model: Model, pairs: Pairs, layer: int | None, head: int | None, eps: f
             Sb = sink_mask(rec.A, rec.lengths, rec.window, eps, min_queries)
             for b, i in enumerate(idx):
                 n = rec.lengths[b]
-                V[i], S[i] = rec.V[b, :, :n].clone(), Sb[b, :, :n].clone()
-                A[i] = rec.A[b, :, n - 1, :n].double()          # (H, n) the final token's row
+                V[i], S[i] = rec.V[b, :, :n].cpu().clone(), Sb[b, :, :n].clone()
+                A[i] = rec.A[b, :, n - 1, :n].double().cpu()    # (H, n) the final token's row
         r = extract.run(model, batch, loss=False, positions="last", vocab=list(pairs.answer_ids),
                         keep_resid=[] if layer is None else [layer], on_layer=keep)
-        out.ld[idx] = (r.logits[:, 0, 0] - r.logits[:, 0, 1]).double().numpy()
+        out.ld[idx] = (r.logits[:, 0, 0] - r.logits[:, 0, 1]).double().cpu().numpy()
         if layer is not None:
             for b, i in enumerate(idx):
-                R[i] = r.resid[layer][b, :batch.lengths[b]].clone()
+                R[i] = r.resid[layer][b, :batch.lengths[b]].cpu().clone()
     if layer is None:                        # no head chosen: nothing to swap
         out.seconds, out.cpu = time.time() - t0, cpu_seconds() - c0
         return out
@@ -206,13 +244,14 @@ def swap(model: Model, pairs: Pairs, layer: int | None, head: int | None, eps: f
         Cs = [cells(cond, S[r][None], head or 0, [S[r].shape[1]])[0] for r, _ in directed]
         first = [pairs.differ_from[r // 2] for r, _ in directed]
         hs = [head] if cond.startswith("head") else list(range(model.n_heads))
-        ld = out.ld[[r for r, _ in directed]].copy()    # a swap before the difference: no change
+        ld = out.ld[[r for r, _ in directed]].copy()    # a no-op swap: no change
         out.n_cells[cond] = np.array([int(c.sum()) for c in Cs])
         out.n_cells_differ[cond] = np.array([int(c[:, f:].sum()) for c, f in zip(Cs, first)])
+        out.n_cells_changed[cond] = np.array([int(differing_cells(V[d], V[r], C).sum())
+                                              for (r, d), C in zip(directed, Cs)])
         out.mass[cond] = np.array([float((A[r] * C)[hs].sum(-1).mean()) for (r, _), C in zip(directed, Cs)])
-        # cells before the first difference hold the same values in both prompts (causality):
-        # swapping only those is exactly a no-op, so those pairs are not run
-        todo = sorted((j for j in range(M) if out.n_cells_differ[cond][j]),
+        # a pair whose swapped values all agree with the donor's is a no-op: it is not run
+        todo = sorted((j for j in range(M) if out.n_cells_changed[cond][j]),
                       key=lambda j: (Cs[j].shape[1], j))
         out.run[cond] = len(todo)
         for k in range(0, len(todo), batch_size):
@@ -223,8 +262,8 @@ def swap(model: Model, pairs: Pairs, layer: int | None, head: int | None, eps: f
             f = swap_edit(_stack([V[i] for i in ds], T, 1), _stack([Cs[j] for j in js], T, 1))
             r = extract.run(model, batch, loss=False, positions="last",
                             vocab=list(pairs.answer_ids), edits={layer: f},
-                            start=(layer, _stack([R[i] for i in rs], T, 0)))
-            ld[js] = (r.logits[:, 0, 0] - r.logits[:, 0, 1]).double().numpy()
+                            start=(layer, _stack([R[i] for i in rs], T, 0).to(model.hf.device)))
+            ld[js] = (r.logits[:, 0, 0] - r.logits[:, 0, 1]).double().cpu().numpy()
         out.swapped[cond] = ld
     out.seconds, out.cpu = time.time() - t0, cpu_seconds() - c0
     return out
