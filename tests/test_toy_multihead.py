@@ -18,7 +18,7 @@ PAPER = results.paper()["multihead_toy"]
 
 @pytest.fixture(scope="module")
 def task2():
-    return mh.make_task(1024, 16, seed=1)
+    return mh.make_task(512, 16, seed=1)
 
 
 def test_task_targets_and_separator_positions(task2):
@@ -226,8 +226,8 @@ POS = (4, 9)                       # [SEP] at 4, [SEP2] at 9: 4 numbers between,
 def fixed():
     """Held-out sequences with the separators at fixed positions (T = 16)."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(512, 16, generator=g)
-    kind = torch.zeros(512, 16, dtype=torch.long)
+    x = torch.randn(256, 16, generator=g)
+    kind = torch.zeros(256, 16, dtype=torch.long)
     kind[:, POS[0]], kind[:, POS[1]] = tm.SEP, tm.SEP2
     x = x.masked_fill(kind != tm.NUM, 0.0)
     t = tm.Task(x, kind, None)

@@ -30,7 +30,7 @@ from torch import nn
 from ..extract import one_thread
 
 NUM, SEP, SEP2 = 0, 1, 2          # token kinds
-GROUP_ENTRIES = 2 ** 19           # attention entries (sequences x heads x T^2) per training
+GROUP_ENTRIES = 2 ** 20           # attention entries (sequences x heads x T^2) per training
                                   # chunk: large enough to amortise the per-op cost, small
                                   # enough for the cache (timed)
 

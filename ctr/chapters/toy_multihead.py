@@ -154,7 +154,8 @@ def roles(m: Toys, task: Task, eps: float = defs.EPS, tv_max: float = 0.2) -> li
         cols = [seg_mean(on(A1, s["p1"]), s["between"]), seg_mean(on(A1, s["p1"]), s["after2"]),
                 seg_mean(on(A1, s["p2"]), s["after2"])]
         row = tr["A2"][:, h, :, -1]                                        # (R, N, T)
-        tvs = [tv_uniform(row, post).mean(1).tolist(), tv_uniform(row, s["between"]).mean(1).tolist()]
+        tvs = [tv_uniform(row, post).mean(1).tolist(),
+               tv_uniform(row, s["between"]).mean(1).tolist()]
         for r in range(m.runs):
             c_b, c_a, c_a2 = (c[r] for c in cols)
             role = (ROLES_L1[1] if c_b > eps and c_a2 > eps else

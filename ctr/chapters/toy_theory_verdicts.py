@@ -121,7 +121,8 @@ def emergence(runs: list[dict]) -> dict:
                                                            "neither")}
     return {"k": k, "n": len(ok), "solutions": sol,
             "mechanism": sum(bool(r["mechanism"]["mechanism"]) for r in ok),
-            "wilson": stats.wilson(k, len(ok)) if ok else None, "verdict": rule_emergence(k, len(ok))}
+            "wilson": stats.wilson(k, len(ok)) if ok else None,
+            "verdict": rule_emergence(k, len(ok))}
 
 
 def claim_rows(runs: list[dict], paper: dict, settings: str, choice: str) -> list[dict]:
