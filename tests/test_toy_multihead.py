@@ -280,11 +280,12 @@ def stack(models: list) -> tm.Toys:
 
 def measured(fixed, plan: dict) -> list[dict]:
     """Runs through mh.measure, plan = {init: {kind: count}} with kinds: two (the two-head
-    construction), between (m_between only), inside (one head inside two), one (the one-head
-    fixed-length solution), rand1 / rand2 (random weights)."""
+    construction), between (m_between only), shared (both tags read by layer-2 head 1), inside
+    (one head inside two), one (the one-head fixed-length solution), rand1 / rand2 (random
+    weights)."""
     threshold = mh.low_loss_threshold(mh.r2_short(fixed)["r2_short"])
     make = {"two": lambda: mh.construction(20.0), "between": between_only,
-            "inside": one_head_in_two, "one": one_head_for_fixed_lengths,
+            "shared": shared_tags, "inside": one_head_in_two, "one": one_head_for_fixed_lengths,
             "rand1": lambda: mh.model(1, 10.0, [7]), "rand2": lambda: mh.model(2, 10.0, [7])}
     runs = []
     for s, kinds in plan.items():
@@ -294,6 +295,26 @@ def measured(fixed, plan: dict) -> list[dict]:
             if models:
                 runs += mh.measure(stack(models), fixed, s, threshold)
     return runs
+
+
+def shared_tags(s: float = 20.0) -> tm.Toys:
+    """The construction with layer-2 head 1 reading both tags (key ONE + Z): still a solution,
+    but without layer-1 head 1 it averages every number after [SEP], so ablating that head
+    moves m_between and m_after alike (b = (-1, 1)): by ablation it carries neither, by its
+    attention it is the paper's head with sinks at [SEP] and [SEP2]."""
+    m = mh.construction(s)
+    with torch.no_grad():
+        m.W[0, 1, 1, 1, 0] = torch.eye(3)[mh.ONE] + torch.eye(3)[mh.Z]
+    return m
+
+
+def test_a_solution_whose_layer1_tags_are_shared_fails_the_ablation_reading_only(task2):
+    threshold = mh.low_loss_threshold(mh.r2_short(task2)["r2_short"])
+    (run,) = mh.measure(shared_tags(), task2, 20.0, threshold)
+    assert run["low_loss"] and run["roles"]["paper_roles"] and MV.paper_roles_alt(run)
+    h1 = run["function"]["layer1"][1]
+    assert h1["b_after"] == pytest.approx(-1.0, abs=0.05) and h1["carries"] == "neither"
+    assert not run["function"]["paper_roles"]
 
 
 def test_the_fixed_length_solutions_reach_low_loss(fixed):
@@ -332,6 +353,9 @@ def test_every_outcome_of_every_rule_on_planted_models(fixed):
     assert v["one_head_fails", "s_tag init 10"] == V.COMPATIBLE       # 1/15
     assert v["two_heads_needed", "s_tag init 1"] == V.NOT             # 0/15 against 6/15
     assert v["one_head_fails", "s_tag init 1"] == V.UNTESTABLE
+    v = rows_of(measured(fixed, {10.0: {"shared": 4, "rand1": 2}}))   # the alternative reading
+    assert v["roles", "s_tag init 10"] == V.NOT                       # 0 of 4 by ablation
+    assert v["roles_alt", "s_tag init 10"] == V.REPRODUCED            # 4 of 4
 
 
 def test_tables_and_closing_note_on_planted_models(fixed):
@@ -343,6 +367,8 @@ def test_tables_and_closing_note_on_planted_models(fixed):
     assert table[0]["heads per layer"] == 2 and table[0]["low loss (R² > 0.9900)"] == "0/3"
     assert "m_between (3)" in table[0]["prediction carries"]
     assert len(MV.run_table(runs)) == 6 and "0.99" in MV.threshold_text(short, 0.99)
+    assert [r["reading"] for r in MV.claim_rows(runs, PAPER, 0.99, "s", "c")
+            if r["id"].endswith("_alt")] == [V.ALTERNATIVE]
     assert "0 of 3 two-head runs at low loss" in MV.role_text(runs)
     i, how = mh.pick(runs)
     assert runs[i]["heads"] == 2 and how.startswith("**no two-head run")
