@@ -110,11 +110,11 @@ def figure_emergence(trained: dict, i: int, task: Task, epochs_shown):
 
 
 def figure_runs(groups: dict, column: str = "R2", flag: str = "mechanism", r2_min=0.9,
-                reference=None, ylabel=None):
+                reference=None, ylabel=None, labels=None):
     """One marker per run, one column per group (DataFrames with `column` and `flag`); filled:
     runs whose `flag` is true. column "R2" is drawn as held-out 1 - R^2 (= MSE / variance of y,
     log scale, lower is better) with the success line; reference: {label: value} drawn as
-    dotted lines (e.g. a construction's 1 - R^2)."""
+    dotted lines (e.g. a construction's 1 - R^2); labels: the legend's (flag, no flag)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(2.4 + 1.55 * len(groups), 3.8))
@@ -125,9 +125,10 @@ def figure_runs(groups: dict, column: str = "R2", flag: str = "mechanism", r2_mi
             y = np.clip(np.nan_to_num(1 - y, nan=10.0), 1e-10, 10.0)
         x = i + rng.uniform(-0.15, 0.15, len(y))
         on = g[flag].to_numpy(bool)
-        ax.scatter(x[on], y[on], color="#C44E52", s=36, label=flag if i == 0 else None)
+        yes, no = labels or (flag, f"no {flag}")
+        ax.scatter(x[on], y[on], color="#C44E52", s=36, label=yes if i == 0 else None)
         ax.scatter(x[~on], y[~on], facecolor="none", edgecolor="#4C72B0", s=36,
-                   label=f"no {flag}" if i == 0 else None)
+                   label=no if i == 0 else None)
     if column == "R2":
         ax.set_yscale("log")
         ax.axhline(1 - r2_min, color="k", lw=0.8, ls="--")
