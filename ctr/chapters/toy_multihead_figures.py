@@ -78,10 +78,8 @@ def figure_r2(runs: list[dict], threshold: float, r2_short: float, reference: fl
              (1 - r2_short, ":", f"one-component shortcut: R² = {r2_short:.3f}")]
     if reference is not None:
         lines.append((1 - reference, ":", "two-head construction, s_tag = 10"))
-    for v, ls, text in lines:
-        ax.axhline(max(v, 1e-8), color="grey", lw=0.9, ls=ls)
-        ax.text(len(groups) - 0.45, max(v, 1e-8), text, va="bottom", ha="right", fontsize=8,
-                color="dimgrey")
+    for (v, ls, text), c in zip(lines, ("k", "grey", "#55A868")):
+        ax.axhline(max(v, 1e-8), color=c, lw=0.9, ls=ls, label=text)
     ax.set_yscale("log")
     ax.set_xticks(range(len(groups)), [f"s_tag {s:g}\n{h} head{'s' if h > 1 else ''}"
                                        for s, h in groups], fontsize=9)

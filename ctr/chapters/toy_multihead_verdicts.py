@@ -269,12 +269,16 @@ def role_text(runs: list[dict]) -> str:
             key = " / ".join(h["carries"] for h in r["function"]["layer1"]) + " | " + \
                 " / ".join(h["carries"] for h in r["function"]["layer2"])
             kinds[key] = kinds.get(key, 0) + 1
+        top = sorted(kinds.items(), key=lambda x: -x[1])
+        rest = sum(n for _, n in top[4:])
         out.append(
             f"**From $s_\\text{{tag}}$ = {s:g}:** {len(low)} of {len(two)} two-head runs at low "
-            f"loss, of which {sum(r['function']['paper_roles'] for r in low)} have the paper's "
-            f"roles by ablation, {sum(r['roles']['paper_roles'] for r in low)} by attention "
-            f"pattern and {sum(paper_roles_alt(r) for r in low)} with layer 1 read by pattern "
-            "and layer 2 by ablation. What the heads of every two-head run carry (layer 1 | layer 2): "
-            + "; ".join(f"{k} ({n})" for k, n in sorted(kinds.items(), key=lambda x: -x[1]))
+            f"loss; with the paper's roles among them: "
+            f"{sum(r['function']['paper_roles'] for r in low)} by ablation, "
+            f"{sum(r['roles']['paper_roles'] for r in low)} by attention pattern, "
+            f"{sum(paper_roles_alt(r) for r in low)} with layer 1 read by pattern and layer 2 "
+            "by ablation. What the heads of the two-head runs carry (layer 1 | layer 2), most "
+            "frequent first: " + "; ".join(f"{k} ({n})" for k, n in top[:4])
+            + (f"; {rest} run{'s' if rest > 1 else ''} in other combinations" if rest else "")
             + ".")
     return "\n\n".join(out)
