@@ -1,5 +1,6 @@
 r"""The minimal problem of paper Sec. 7 (Theorem 7.1, Fig. 7): catch, tag, release in two
-attention layers, in two parametrisations, and the chapter's verdict rules.
+attention layers, in two parametrisations: constructions, training and the mechanism detector.
+The verdict rules are in ``toy_theory_verdicts``, the figures in ``toy_theory_figures``.
 
 Task (toy_model.make_task): numbers x_i ~ N(0, 1) and one [SEP] at p; y = mean{x_i : i > p}.
 
@@ -15,19 +16,19 @@ Constructions (the chapter argues both; the first is our width-2 Theorem 7.1):
           value VAL_j - ONE_j -> ONE;  w_out = e_ONE.
   width4: e_SEP = (0, -1, 1, 0); layer 1 q = ONE, k = A, v = A -> A; layer 2 q = ONE,
           k = A + 2 ONE, v = VAL -> OUT; w_out = e_OUT.
+
+Training configurations (``SETTINGS``): the paper's recipe with our batch size, weight scale and
+sequence length (``default``), and the choices the paper leaves open, one at a time.
 """
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
 
 from .. import definitions as defs
-from .. import stats
-from .. import verdicts as V
-from .toy_model import Task, Toys, derive, from_state, make_task, r2, train
+from .toy_model import Task, Toys, cpu_seconds, derive, from_state, make_task, r2, train
 
 VARIANTS = {
     "width2": {"label": "width 2, fixed [SEP] direction", "arch": {"d": 2,
@@ -35,6 +36,16 @@ VARIANTS = {
     "width4": {"label": "width 4, learned [SEP] direction", "arch": {"d": 4}},
 }
 VAL, ONE, A, OUT = 0, 1, 2, 3
+C_NUMBERS = 1.0       # the numbers' constant second coordinate (the [SEP] axis in width 2)
+
+# The choices the paper leaves open, one at a time around the default (RULES.md, unstated).
+DEFAULT = {"batch_size": 512, "scale": 1.0, "T": 16}
+SETTINGS = {
+    "default": {},
+    "batch 32": {"batch_size": 32}, "batch 128": {"batch_size": 128},
+    "weight scale 0.1": {"scale": 0.1}, "weight scale 0.5": {"scale": 0.5},
+    "length 8": {"T": 8}, "length 32": {"T": 32},
+}
 
 
 def check_variants(variants) -> list[str]:
@@ -44,6 +55,13 @@ def check_variants(variants) -> list[str]:
         raise ValueError(f"unknown toy variant(s) {bad or variants!r}; use some of "
                          f"{', '.join(VARIANTS)}")
     return list(variants)
+
+
+def setting(name: str) -> dict:
+    """The batch size, weight scale and sequence length of a named setting."""
+    if name not in SETTINGS:
+        raise ValueError(f"unknown setting {name!r}; use one of {', '.join(SETTINGS)}")
+    return {**DEFAULT, **SETTINGS[name]}
 
 
 def construction(variant: str, s_tag: float = 20.0, dtype=torch.float32) -> Toys:
@@ -82,10 +100,18 @@ def sweep_construction(build, s_grid, task: Task, target=target, dtype=torch.flo
     -s_tag, leaves a rounding floor of about 1e-6."""
     rows, y = [], target(task, dtype)
     for s in s_grid:
-        err = (build(s, dtype)(task.x, task.kind)[0] - y).abs()
+        err = (build(s, dtype)(task.x, task.kind) - y).abs()
         rows.append({"s_tag": float(s), "max_abs_error": float(err.max()),
                      "mean_abs_error": float(err.mean())})
     return rows
+
+
+def construction_ok(s_grid, max_errors, s_from: float = 3.0, tol: float = 1e-4) -> bool:
+    """Theorem 7.1's check: the largest error is below `tol` at the largest s_tag and never
+    increases from s_from on (where the proof's bound starts to fall). No verdict row: RULES.md
+    judges the training claims; this is the numerical check of the chapter's proof."""
+    tail = [e for s, e in zip(s_grid, max_errors) if s >= s_from]
+    return bool(tail) and tail[-1] < tol and all(b <= a for a, b in zip(tail, tail[1:]))
 
 
 # --- mechanism detection ---------------------------------------------------------------------
@@ -130,54 +156,113 @@ def mechanism(model: Toys, task: Task, eps: float = defs.EPS, tv_max: float = 0.
     return out
 
 
-# --- training: every run of one variant as one batched model ----------------------------------
+def solution(sep_norm: float, c: float = C_NUMBERS) -> str:
+    """Which solution a run found, from the final norm of [SEP] (RULES.md, emergence):
+    Theorem 7.1's (larger than the numbers' constant c), "[SEP] near 0" (below c / 2), or
+    "neither" in between."""
+    if sep_norm != sep_norm:
+        return "neither"
+    return "Theorem 7.1" if sep_norm > c else "[SEP] near 0" if sep_norm < 0.5 * c else "neither"
 
-def train_variant(cfg: dict) -> dict:
-    """n_seeds runs per s_tag init of cfg["variant"], trained together. Run r has the same
-    initial weights and batch order at every init (only s_tag's starting value differs); the
-    data depend on the seed only, the same for both variants. cfg: variant, seed, n_seeds,
-    s_tag_inits, T, n_sequences, n_test, epochs, lr, weight_decay, batch_size, r2_min, eps,
-    tv_max."""
-    t0 = time.process_time()
-    seed = cfg["seed"]
-    check_variants([cfg["variant"]])
-    data = make_task(cfg["n_sequences"], cfg["T"], derive(seed, "train"))
-    test = make_task(cfg["n_test"], cfg["T"], derive(seed, "test"))
-    slots = [(float(s), r) for s in cfg["s_tag_inits"] for r in range(cfg["n_seeds"])]
-    model = Toys([derive(seed, "model", r) for _, r in slots], [s for s, _ in slots],
-                 **VARIANTS[cfg["variant"]]["arch"])
+
+# --- training: the runs of one configuration as one batched model -----------------------------
+
+def slots(inits, n_seeds: int) -> list[tuple[float, int]]:
+    """(initial s_tag, seed index) of every run of a configuration."""
+    return [(float(s), r) for s in inits for r in range(n_seeds)]
+
+
+def train_runs(cfg: dict) -> dict:
+    """The runs cfg["slots"] of cfg["variant"] under cfg["setting"], trained together. Run
+    (init, r) draws its initial weights and batch order from (seed, variant, init, r) alone:
+    independent across inits and seeds, the same across settings (so settings are compared on
+    the same draws). The data depend on the seed and the sequence length. cfg: variant,
+    setting, seed, slots, n_sequences, n_test, epochs, lr, weight_decay, r2_min, eps, tv_max,
+    snapshots."""
+    t0 = cpu_seconds()
+    seed, variant = cfg["seed"], check_variants([cfg["variant"]])[0]
+    st = setting(cfg["setting"])
+    data = make_task(cfg["n_sequences"], st["T"], derive(seed, "train", st["T"]))
+    test = make_task(cfg["n_test"], st["T"], derive(seed, "test", st["T"]))
+    sl = [(float(s), int(r)) for s, r in cfg["slots"]]
+    model = Toys([derive(seed, "model", variant, s, r) for s, r in sl], [s for s, _ in sl],
+                 scale=st["scale"], **VARIANTS[variant]["arch"])
     # the per-epoch held-out curve uses 512 of the held-out sequences (cheaper); R^2 uses all
-    hist = train(model, data, test[:512], [derive(seed, "order", r) for _, r in slots],
-                 cfg["epochs"], cfg["lr"], cfg["weight_decay"], cfg["batch_size"])
-    with torch.no_grad():
-        score = r2(model(test.x, test.kind), test.y)
-    found = mechanism(model, test, cfg["eps"], cfg["tv_max"])
+    hist = train(model, data, test[:512], [derive(seed, "order", variant, s, r) for s, r in sl],
+                 cfg["epochs"], cfg["lr"], cfg["weight_decay"], st["batch_size"],
+                 snapshots=cfg.get("snapshots", False))
+    runs = measure(model, test, sl, variant, cfg["setting"], cfg["r2_min"], cfg["eps"],
+                   cfg["tv_max"], hist)
+    out = {"cfg": cfg, "arch": model.arch, "runs": runs, "cpu_seconds": cpu_seconds() - t0}
+    if hist["snapshots"]:
+        out["snapshots"] = {k: torch.stack([s[k] for s in hist["snapshots"]])    # (E+1, R, ...)
+                            for k in hist["snapshots"][0]}
+    return out
+
+
+@torch.no_grad()
+def measure(model: Toys, test: Task, sl, variant: str, setting_name: str = "default",
+            r2_min: float = 0.9, eps: float = defs.EPS, tv_max: float = 0.2,
+            hist: dict | None = None) -> list[dict]:
+    """One record per run of a trained (or constructed) model: held-out R^2, success (R^2 >
+    r2_min), final s_tag and [SEP] norm, the solution it found, the mechanism checks, and the
+    loss curves of `hist` (toy_model.train's) if given. sl: (initial s_tag, seed index) per
+    run."""
+    score = r2(model(test.x, test.kind), test.y)
+    found = mechanism(model, test, eps, tv_max)
     s_tag = model.s_tag.detach()
-    sep_norm = s_tag * model.e_SEP.detach()[:, 0].norm(dim=-1)
-    runs = [{"variant": cfg["variant"], "s_tag_init": s, "run": r, "r2": float(score[i]),
-             "success": bool(score[i] > cfg["r2_min"]), "s_tag_final": float(s_tag[i]),
-             "sep_norm_final": float(sep_norm[i]),
-             "mechanism": found[i], "loss": [e[i] for e in hist["loss"]],
-             "test_loss": [e[i] for e in hist["test_loss"]]} for i, (s, r) in enumerate(slots)]
-    snaps = {k: torch.stack([s[k] for s in hist["snapshots"]]) for k in hist["snapshots"][0]}
-    return {"cfg": cfg, "arch": model.arch, "runs": runs, "snapshots": snaps,   # (E+1, R, ...)
-            "cpu_seconds": time.process_time() - t0}
+    sep_norm = s_tag.abs() * model.e_SEP.detach()[:, 0].norm(dim=-1)
+    return [{"variant": variant, "setting": setting_name, "s_tag_init": float(s), "run": int(r),
+             "r2": float(score[i]), "success": bool(score[i] > r2_min),
+             "s_tag_final": float(s_tag[i]), "sep_norm_final": float(sep_norm[i]),
+             "solution": solution(float(sep_norm[i])), "mechanism": found[i],
+             "loss": [e[i] for e in hist["loss"]] if hist else [],
+             "test_loss": [e[i] for e in hist["test_loss"]] if hist else []}
+            for i, (s, r) in enumerate(sl)]
+
+
+def configs(base: dict, variants, inits, n_seeds: int, settings=(), n_sens: int = 0) -> list:
+    """The training configurations of the chapter: each variant's main runs under the default
+    setting (one configuration per init, so two processes share the work evenly), then every
+    other setting of the width-2 model with the first n_sens seeds per init. The most
+    expensive come first (the pool hands them out in order)."""
+    out = [dict(base, variant=v, setting="default", slots=slots([s], n_seeds),
+                snapshots=v == "width2") for v in variants for s in inits]
+    out += [dict(base, variant="width2", setting=name, slots=slots(inits, n_sens))
+            for name in settings if name != "default" and n_sens]
+    return sorted(out, key=lambda c: -cost(c))
+
+
+def cost(cfg: dict) -> float:
+    """Relative training cost of a configuration (run-epochs of the attention map's size)."""
+    st = setting(cfg["setting"])
+    per_step = 1.0 + 0.3 * max(st["T"], 16) ** 2 / 256 * st["batch_size"] / 512
+    d = VARIANTS[cfg["variant"]]["arch"]["d"]
+    return len(cfg["slots"]) * per_step * 512 / st["batch_size"] * (1 + 0.1 * d)
+
+
+def merge(trained: list[dict]) -> list[dict]:
+    """Every run of a list of train_runs results."""
+    return [r for t in trained for r in t["runs"]]
 
 
 def replay(trained: dict, i: int) -> Toys:
-    """Run i of a train_variant result after every epoch, as one model whose runs are epochs."""
+    """Run i of a train_runs result after every epoch, as one model whose runs are epochs."""
     return from_state(trained["arch"], {k: v[:, i] for k, v in trained["snapshots"].items()})
 
 
-def pick(runs: list[dict], order=(10.0, 6.0, 1.0)) -> tuple[int, bool]:
-    """The run to show: the first successful run, trying the s_tag inits in `order`; if none
-    succeeded, the run with the highest R^2. Returns (index, succeeded)."""
+def pick(trained: list[dict], order=(10.0, 6.0, 1.0)) -> tuple[int, int, bool]:
+    """The width-2 run to show (results with snapshots): the first successful run, trying the
+    s_tag inits in `order`; if none succeeded, the run with the highest R^2. Returns (which
+    result, which run in it, succeeded)."""
+    have = [(t, i, r) for t, res in enumerate(trained) if "snapshots" in res
+            for i, r in enumerate(res["runs"])]
     for s in order:
-        for i, r in enumerate(runs):
+        for t, i, r in have:
             if r["s_tag_init"] == s and r["success"]:
-                return i, True
-    key = [r["r2"] if r["r2"] == r["r2"] else -math.inf for r in runs]    # NaN: diverged
-    return int(np.argmax(key)), False
+                return t, i, True
+    best = max(have, key=lambda x: x[2]["r2"] if x[2]["r2"] == x[2]["r2"] else -math.inf)
+    return best[0], best[1], False
 
 
 def emergence_epochs(test_loss: list[float], var_y: float, r2_min: float = 0.9) -> list[int]:
@@ -188,105 +273,6 @@ def emergence_epochs(test_loss: list[float], var_y: float, r2_min: float = 0.9) 
     if done is None:
         return sorted({0, n // 3, 2 * n // 3, n})
     return sorted({0, max(1, done // 2), done, n})
-
-
-# --- verdict rules (each tested on fabricated results for every outcome) -----------------------
-
-RATE_MARGIN = 0.25    # success rates count as the same when they differ by at most this
-RULES = {
-    "construction": "reproduced when the largest error is below 1e-4 at the largest s_tag and "
-                    "never increases from s_tag = 3 on (where the proof's bound starts to "
-                    "fall); else not reproduced",
-    "rate": "95% Newcombe interval of (ours - paper): inside [-0.25, 0.25] reproduced, "
-            "entirely outside it not reproduced, else compatible (underpowered)",
-    "trend": "Cochran-Armitage trend test of our counts over the init: rising with p < 0.05 "
-             "reproduced, falling with p < 0.05 not reproduced, else compatible (underpowered)",
-    "emergence": "95% Wilson interval of the share of successful runs passing all three "
-                 "checks: above 0.5 reproduced, below 0.5 not reproduced, else compatible "
-                 "(underpowered); no successful run: not testable here",
-}
-
-
-def newcombe(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
-    """95% interval of p1 - p2 for two independent proportions (Newcombe 1998, method 10: the
-    hybrid of the two Wilson score intervals)."""
-    (l1, u1), (l2, u2) = stats.wilson(k1, n1), stats.wilson(k2, n2)
-    p1, p2 = k1 / n1, k2 / n2
-    return (p1 - p2 - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
-            p1 - p2 + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
-
-
-def rule_construction(s_grid, max_errors, s_from: float = 3.0, tol: float = 1e-4) -> str:
-    tail = [e for s, e in zip(s_grid, max_errors) if s >= s_from]
-    falls = all(b <= a for a, b in zip(tail, tail[1:]))
-    return V.REPRODUCED if tail and tail[-1] < tol and falls else V.NOT
-
-
-def rule_rate(k: int, n: int, pk: int, pn: int, margin: float = RATE_MARGIN) -> str:
-    if not n or not pn:
-        return V.UNTESTABLE
-    return V.by_interval(*newcombe(k, n, pk, pn), -margin, margin)
-
-
-def rule_trend(successes, runs, inits) -> str:
-    if len(inits) < 2 or not sum(runs):
-        return V.UNTESTABLE
-    t = stats.cochran_armitage(successes, runs, inits)
-    if t["p"] < 0.05:
-        return V.REPRODUCED if t["z"] > 0 else V.NOT
-    return V.COMPATIBLE
-
-
-def rule_emergence(n_mechanism: int, n_success: int) -> str:
-    if not n_success:
-        return V.UNTESTABLE
-    return V.by_interval(*stats.wilson(n_mechanism, n_success), low=0.5)
-
-
-def claim_rows(variant: str, runs: list[dict], s_grid, max_errors, paper: dict) -> list[dict]:
-    """The paper / ours / verdict rows of one variant. paper: results.paper()["toy"].
-
-    The width-2 variant is the model the paper's page describes; its rows carry the claims'
-    plain ids. Any other variant's rows get ids of their own ("..._width4"), so the scorecard
-    lists them as separate rows instead of mixing two models into one verdict."""
-    label = VARIANTS[variant]["label"]
-    suffix = "" if variant == "width2" else f"_{variant}"
-    rows = [V.row("construction" + suffix, label, "a construction solves the task; its error -> 0 as "
-                  "s_tag grows (Theorem 7.1)", "Theorem 7.1",
-                  f"max |error| {max_errors[0]:.2g} at s_tag = {s_grid[0]:g}, "
-                  f"{max_errors[-1]:.1e} at {s_grid[-1]:g}", "-", RULES["construction"],
-                  rule_construction(s_grid, max_errors))]
-    ks, ns, inits = [], [], []
-    for p in paper["success"]:
-        s, pk, pn = float(p["s_tag_init"]), p["successes"], p["runs"]
-        mine = [r for r in runs if r["s_tag_init"] == s]
-        k, n = sum(r["success"] for r in mine), len(mine)
-        if not n:
-            continue
-        ks, ns, inits = ks + [k], ns + [n], inits + [s]
-        lo, hi = stats.wilson(k, n)
-        rows.append(V.row(f"success_init_{s:g}{suffix}", label,
-                          f"success rate (R^2 > 0.9) with s_tag initialised at {s:g}",
-                          f"{pk}/{pn}", f"{k}/{n} (Wilson [{lo:.2f}, {hi:.2f}])",
-                          V.interval(*newcombe(k, n, pk, pn), what="95% CI ours - paper"),
-                          RULES["rate"], rule_rate(k, n, pk, pn)))
-    pt = stats.cochran_armitage([p["successes"] for p in paper["success"]],
-                                [p["runs"] for p in paper["success"]],
-                                [p["s_tag_init"] for p in paper["success"]])
-    t = stats.cochran_armitage(ks, ns, inits)
-    rows.append(V.row("success_trend" + suffix, label, "success rises with the initial s_tag",
-                      " > ".join(f"{p['successes']}/{p['runs']}" for p in paper["success"])
-                      + f" (trend z = {pt['z']:.2f}, p = {pt['p']:.2f})",
-                      ", ".join(f"{k}/{n}" for k, n in zip(ks, ns)),
-                      f"Cochran-Armitage z = {t['z']:.2f}, p = {t['p']:.2g}", RULES["trend"],
-                      rule_trend(ks, ns, inits)))
-    ok = [r for r in runs if r["success"]]
-    k = sum(r["mechanism"]["mechanism"] for r in ok)
-    rows.append(V.row("emergence" + suffix, label, "successful runs show catch, tag, release (Fig. 7)",
-                      "yes (Fig. 7)", f"{k} of {len(ok)} successful runs",
-                      V.interval(*stats.wilson(k, len(ok))) if ok else "-",
-                      RULES["emergence"], rule_emergence(k, len(ok))))
-    return rows
 
 
 def emergence_curves(trained: dict, i: int, task: Task) -> dict:

@@ -65,7 +65,7 @@ def figure_construction(s_grid, errors: dict, task: Task, s_shown=(3.0, 20.0)):
     for (label, rows), mk in zip(errors.items(), "os^"):
         ax.semilogy(s_grid, [r["max_abs_error"] for r in rows], mk + "-", label=label)
     ax.axhline(1e-4, color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="s_tag", ylabel="max |y_hat - y|, held-out sequences",
+    ax.set(xlabel="s_tag", ylabel="largest |ŷ − y|, held-out sequences",
            title="constructions: error vs s_tag")
     ax.legend(fontsize=8)
     i0 = example(task)
@@ -110,11 +110,11 @@ def figure_emergence(trained: dict, i: int, task: Task, epochs_shown):
 
 
 def figure_runs(groups: dict, column: str = "R2", flag: str = "mechanism", r2_min=0.9,
-                reference=None, ylabel=None):
+                reference=None, ylabel=None, labels=None):
     """One marker per run, one column per group (DataFrames with `column` and `flag`); filled:
     runs whose `flag` is true. column "R2" is drawn as held-out 1 - R^2 (= MSE / variance of y,
     log scale, lower is better) with the success line; reference: {label: value} drawn as
-    dotted lines (e.g. a construction's 1 - R^2)."""
+    dotted lines (e.g. a construction's 1 - R^2); labels: the legend's (flag, no flag)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(2.4 + 1.55 * len(groups), 3.8))
@@ -125,9 +125,10 @@ def figure_runs(groups: dict, column: str = "R2", flag: str = "mechanism", r2_mi
             y = np.clip(np.nan_to_num(1 - y, nan=10.0), 1e-10, 10.0)
         x = i + rng.uniform(-0.15, 0.15, len(y))
         on = g[flag].to_numpy(bool)
-        ax.scatter(x[on], y[on], color="#C44E52", s=36, label=flag if i == 0 else None)
+        yes, no = labels or (flag, f"no {flag}")
+        ax.scatter(x[on], y[on], color="#C44E52", s=36, label=yes if i == 0 else None)
         ax.scatter(x[~on], y[~on], facecolor="none", edgecolor="#4C72B0", s=36,
-                   label=f"no {flag}" if i == 0 else None)
+                   label=no if i == 0 else None)
     if column == "R2":
         ax.set_yscale("log")
         ax.axhline(1 - r2_min, color="k", lw=0.8, ls="--")
@@ -139,4 +140,27 @@ def figure_runs(groups: dict, column: str = "R2", flag: str = "mechanism", r2_mi
     ax.set_xlim(-0.5, len(groups) - 0.5)
     ax.set_ylabel(ylabel or ("held-out 1 − R²  (lower is better)" if column == "R2" else column))
     ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def figure_sensitivity(rows: list[dict], paper: dict, inits=(1.0, 6.0, 10.0)):
+    """Success rate against the initial s_tag, one line per training setting (rows from
+    toy_theory_verdicts.sensitivity), the paper's counts on top (paper: {init: (k, n)})."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    styles = {"batch": "-", "weight": "--", "length": ":"}
+    for r in rows:
+        rate = [r["counts"][s][0] / r["counts"][s][1] if r["counts"][s][1] else np.nan
+                for s in inits]
+        default = r["setting"] == "default"
+        ls = next((v for k, v in styles.items() if r["setting"].startswith(k)), "-")
+        ax.plot(inits, rate, ls, marker="o", ms=4, lw=2.6 if default else 1.3,
+                color="#C44E52" if default else None, zorder=3 if default else 2,
+                label=r["setting"] + (" (trend rises)" if r["rises"] else ""))
+    ax.plot(inits, [paper[s][0] / paper[s][1] for s in inits], "k*", ms=13, zorder=4,
+            label="the paper")
+    ax.set(xlabel="s_tag initial value", ylabel="success rate (held-out R² > 0.9)",
+           xticks=list(inits), ylim=(-0.03, 1.03))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
