@@ -62,7 +62,7 @@ def repo_copy(dst: Path) -> Path:
     for f in ("_config.yml", "_toc.yml", "references.bib", "requirements.txt", "Makefile"):
         shutil.copy(REPO / f, dst / f)
     shutil.copytree(REPO / "book", dst / "book", ignore=shutil.ignore_patterns(
-        "executed", "results", ".ipynb_checkpoints"))
+        "executed", "results", ".ipynb_checkpoints", "kernel-ipc-*", "*.failed.ipynb"))
     (dst / "ctr").symlink_to(REPO / "ctr")     # chapters show package code (literalinclude)
     return dst
 

@@ -320,7 +320,8 @@ def test_check_fails_on_an_element_wider_than_its_column_and_on_plotting_code_sh
     wide = "tokens = " + ", ".join(f"'t{i}'" for i in range(120))      # one long code line
     p.write_text(p.read_text().replace("</main>", (
         '<div class="cell_input"><pre>fig, ax = plt.subplots()\nax.plot(x, y)</pre></div>'
-        f'<div class="cell_output"><pre>{wide}</pre></div></main>'), 1))
+        # white-space: pre, as a page without ctr-book.css's pre-wrap would show it
+        f'<div class="cell_output"><pre style="white-space: pre">{wide}</pre></div></main>'), 1))
     with pytest.raises(AssertionError) as e:
         htmlcheck.check(html, ["explorer_demo"], screenshots=tmp_path / "shots", strict=True)
     assert re.search(r"explorer_demo: wider than its column: pre.* px in .* px\): tokens = 't0'",
@@ -330,3 +331,16 @@ def test_check_fails_on_an_element_wider_than_its_column_and_on_plotting_code_sh
     capsys.readouterr()
     htmlcheck.check(html, ["explorer_demo"], screenshots=tmp_path / "shots", strict=False)
     assert "wider than its column" in capsys.readouterr().out        # a note, not a failure
+
+
+def test_notebooks_define_no_functions_and_name_no_internal_issues():
+    """Pages only consume the package: no def/class/lambda in a code cell (a helper belongs in a
+    tested chapter module), and no "issue 12" a reader cannot follow."""
+    bad = []
+    for path in sorted((REPO / "book").glob("*.ipynb")):
+        for i, c in enumerate(nbformat.read(path, as_version=4).cells):
+            if c.cell_type == "code" and re.search(r"^\s*(def|class)\s|\blambda\b", c.source, re.M):
+                bad.append(f"{path.name} cell {i}: defines a function")
+            if re.search(r"\b[Ii]ssues? \d+", c.source):
+                bad.append(f"{path.name} cell {i}: names an internal issue")
+    assert not bad, "\n".join(bad)

@@ -16,6 +16,7 @@ import pytest
 
 from book_helpers import REPO, captured, plain, repo_copy
 from ctr import book
+from ctr import rules
 from ctr import verdicts as V
 from ctr.book import htmlcheck
 
@@ -58,10 +59,30 @@ def test_every_results_files_claims_use_the_vocabulary(smoke):
             for row in data.get(part, []) if isinstance(data, dict) else []:
                 assert row["verdict"] in V.VERDICTS, (f.name, row)
                 assert row.get("rule"), (f.name, row["id"])
+                if row["id"].endswith("_alt"):      # our reading: marked, never the file's rule
+                    assert row.get("reading") == V.ALTERNATIVE, (f.name, row["id"])
+                    assert "not pre-registered" in row["rule"], (f.name, row["id"])
+                elif f.stem != "scorecard":
+                    assert row["rule"] == rules.text(row["id"]), (f.name, row["id"])
                 if f.stem != "scorecard":
                     assert set(V.COLUMNS) <= set(row), (f.name, row["id"])
                 seen += 1
     assert seen > 20
+
+
+def test_the_probes_and_release_results_carry_every_row(smoke):
+    """What the chapters' own smoke tests checked before the whole book ran here."""
+    from ctr.chapters import probes_verdicts as PV
+    res = json.loads((_results(smoke[0]) / "probes.json").read_text())
+    r = res["models"]["tiny-planted-llama"]
+    for task in ("cities", "sentiment", "cities_suffix"):
+        assert r[task]["paper"]["min_queries"] == 1 and r[task]["guard"]["min_queries"] == 5
+        assert {"resplits", "null", "mcnemar", "best_tag", "best_activation"} <= set(r[task]["paper"])
+    assert [c["id"] for c in res["claims"]] == [c[0] for c in PV.CLAIMS] + [c[0] for c in PV.ACT_CLAIMS]
+    assert res["params"]["device"] == "cpu" and res["params"]["dtype"] == "float32"
+    rel = json.loads((_results(smoke[0]) / "release.json").read_text())
+    assert {"tags_lm_bos", "tags_lm_mid", "tags_lm_specific", "swap_sentiment_head",
+            "swap_cities_layer_answer"} <= {c["id"] for c in rel["claims"]}
 
 
 def test_a_rebuild_with_nothing_changed_runs_nothing(smoke):

@@ -602,32 +602,6 @@ def test_country_from_end_counts_the_country_and_the_full_stop(planted_model):
 
 
 
-
-
-# --- the chapter ---------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_chapter_runs_in_smoke_mode(tmp_path):
-    for f in ("_config.yml", "_toc.yml"):
-        shutil.copy(book.ROOT / f, tmp_path / f)
-    (tmp_path / "book").mkdir()
-    shutil.copy(book.ROOT / "book" / "probes.ipynb", tmp_path / "book" / "probes.ipynb")
-    book.run_chapter("probes", smoke=True, root=tmp_path)
-    nb = nbformat.read(tmp_path / "book" / "executed" / "probes.ipynb", as_version=4)
-    outs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert not [o for o in outs if o.get("output_type") == "error"]
-    assert any("image/png" in o.get("data", {}) for o in outs)
-    res = json.loads((tmp_path / "book" / "executed" / "results" / "probes.json").read_text())
-    r = res["models"]["tiny-planted-llama"]
-    for task in ("cities", "sentiment", "cities_suffix"):
-        assert r[task]["paper"]["min_queries"] == 1 and r[task]["guard"]["min_queries"] == 5
-        assert {"resplits", "null", "mcnemar", "best_tag", "best_activation"} <= set(r[task]["paper"])
-    assert [c["id"] for c in res["claims"]] == ([c[0] for c in PV.CLAIMS]
-                                               + [c[0] for c in PV.ACT_CLAIMS])
-    assert all(c["verdict"] in V.VERDICTS and c["rule"] and c["settings"] for c in res["claims"])
-    assert res["params"]["device"] == "cpu" and res["params"]["dtype"] == "float32"
-
-
 def test_notebook_defines_no_function_and_shows_at_most_three_cells():
     nb = nbformat.read(book.ROOT / "book" / "probes.ipynb", as_version=4)
     hidden = {"hide-input", "remove-input", "remove-cell", "parameters"}

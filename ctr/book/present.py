@@ -20,9 +20,8 @@ from pathlib import Path
 
 import nbformat
 
-from .values import yaml_arg
+from .values import RUN_KEY, nondefault, yaml_arg  # noqa: F401 (re-exported)
 
-RUN_KEY = "ctr_book"      # results file key: {"parameters": ..., "nondefault": ..., "smoke": ...}
 
 
 def differing(params: dict, defaults_: dict) -> dict:
@@ -42,18 +41,6 @@ def rerun_command(name: str, params: dict, defaults_: dict) -> str:
     """``make chapter NAME=x PARAMS="..."`` with every parameter that differs from its default."""
     items = [_item(k, v) for k, v in differing(params, defaults_).items()]
     return f"make chapter NAME={name}" + (f' PARAMS="{" ".join(items)}"' if items else "")
-
-
-def nondefault(name: str, results_dir) -> dict:
-    """The parameters, other than the defaults, that chapter ``name``'s results file in
-    ``results_dir`` was made with: ``{}`` for a default run, or when the file is missing or was
-    not written by the book's runner. Example: ``{"n_prompts": 4}`` after
-    ``make chapter NAME=sinks PARAMS="n_prompts=4"``."""
-    p = Path(results_dir) / f"{name}.json"
-    try:
-        return dict(json.loads(p.read_text()).get(RUN_KEY, {}).get("nondefault", {}))
-    except (OSError, ValueError, AttributeError):
-        return {}
 
 
 def _params_text(d: dict) -> str:

@@ -50,8 +50,8 @@ def collect(results_dir, chapters=CHAPTERS) -> pd.DataFrame:
     """All chapters' claim rows. A missing results file, a file without claims, a row without
     one of the columns or with an unknown verdict is an error naming the chapter. Each row
     carries the parameters its chapter ran with that are not the defaults (recorded by the
-    book's runner in the results file: ``present.nondefault``)."""
-    from .present import nondefault
+    book's runner in the results file: ``values.nondefault``)."""
+    from .values import nondefault
 
     rows = []
     for ch in chapters:

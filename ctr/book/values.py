@@ -10,6 +10,7 @@ Kept small on purpose: every chapter imports it, so an edit here re-runs every c
 from __future__ import annotations
 
 import ast
+import json
 import importlib
 import os
 import re
@@ -19,6 +20,20 @@ import yaml
 
 NAME_WORDS = ("default", "installed")      # models="default" / "installed" (ctr.models.names)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+RUN_KEY = "ctr_book"      # results file key: {"parameters": ..., "nondefault": ..., "smoke": ...}
+
+
+def nondefault(name: str, results_dir) -> dict:
+    """The parameters, other than the defaults, that chapter ``name``'s results file in
+    ``results_dir`` was made with: ``{}`` for a default run, or when the file is missing or was
+    not written by the book's runner. Example: ``{"n_prompts": 4}`` after
+    ``make chapter NAME=sinks PARAMS="n_prompts=4"``."""
+    p = Path(results_dir) / f"{name}.json"
+    try:
+        return dict(json.loads(p.read_text()).get(RUN_KEY, {}).get("nondefault", {}))
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def yaml_arg(v) -> str:

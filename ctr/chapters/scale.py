@@ -18,9 +18,9 @@ from .. import stats
 from . import reuse
 
 
-def parameters(name: str) -> int:
+def parameters(name: str, device: str = "cpu", dtype: str = "float32") -> int:
     """Number of parameters of a loaded model (embeddings included, tied weights once)."""
-    m = M.load(name)
+    m = M.load(name, device=device, dtype=dtype)
     n = sum(p.numel() for p in {id(p): p for p in m.hf.parameters()}.values())
     del m
     gc.collect()
@@ -28,10 +28,18 @@ def parameters(name: str) -> int:
 
 
 def measure(name: str, results_dir, *, n_prompts: int, max_tokens: int, eps: float,
-            min_queries: int, n: int, n_train: int, seed: int, n_boot: int = 1000) -> dict:
-    """One model's rung of the ladder (numbers and 95% intervals; sources named)."""
-    s, src1 = reuse.sink_stats(name, results_dir, n_prompts, max_tokens, eps, min_queries, seed)
-    pr, pv, src2 = reuse.truth_probes(name, results_dir, n, n_train, eps, seed)
+            min_queries: int, n: int, n_train: int, seed: int, n_boot: int = 1000,
+            n_resplits: int = 10, n_null: int = 100, suffix: str = " Is this true? Answer:",
+            device: str = "cpu", dtype: str = "float32") -> dict:
+    """One model's rung of the ladder (numbers and 95% intervals; sources named). The probe
+    verdict is the probes chapter's ``cities_tag_paper`` row, Holm over its whole family."""
+    s, src1 = reuse.sink_stats(name, results_dir, n_prompts, max_tokens, eps, min_queries, seed,
+                               device=device, dtype=dtype)
+    summ, rows, src2 = reuse.probe_family(name, results_dir, n=n, n_train=n_train, eps=eps,
+                                          seed=seed, suffix=suffix, n_resplits=n_resplits,
+                                          n_null=n_null, device=device, dtype=dtype)
+    pr = summ.get("cities", {}).get("paper", {})
+    pv = next((r["verdict"] for r in rows if r["id"] == "cities_tag_paper"), "-")
     bp = s["by_prompt"]
     iv = s["intervals"]
 
@@ -41,7 +49,7 @@ def measure(name: str, results_dir, *, n_prompts: int, max_tokens: int, eps: flo
     n_test = pr.get("n_test", n - n_train)
     tag = pr.get("theta_tag") if pr.get("layer") is not None else None
     return {
-        "model": name, "parameters": parameters(name),
+        "model": name, "parameters": parameters(name, device, dtype),
         "sinks_per_head": (s["sinks_per_head"], *boot(bp["sinks_per_head"])),
         "ve_zero": tuple(iv["ve_zero"]), "ve_excluded": tuple(iv["ve_excluded"]),
         "bos_share": (s["share_heads_bos_sink"], *boot(bp["bos_sink"])),
@@ -103,3 +111,21 @@ def figure(rungs: list[dict], paper: dict):
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def _fmt(t, f="{:.2f}") -> str:
+    return "-" if t[0] is None else f"{f.format(t[0])} [{f.format(t[1])}, {f.format(t[2])}]"
+
+
+def table(rungs: list[dict]):
+    """The ladder as a table: one row per model, each number with its 95% interval."""
+    import pandas as pd
+
+    return pd.DataFrame([{
+        "model": r["model"], "parameters (M)": round(r["parameters"] / 1e6),
+        "sinks per head": _fmt(r["sinks_per_head"]), "VE, paper-like": _fmt(r["ve_zero"]),
+        "VE, heads with sinks": _fmt(r["ve_excluded"]),
+        "first token is a sink (share of heads)": _fmt(r["bos_share"]),
+        "cities theta_tag %": _fmt(r["theta_tag"], "{:.1f}"),
+        "theta_no_tag %": "-" if r["theta_no_tag"] is None else f"{r['theta_no_tag']:.1f}",
+        "probes verdict (cities_tag_paper)": r["probe_verdict"]} for r in rungs])
