@@ -21,14 +21,25 @@ Core (no book machinery):
                write (run with edits, loss)     bench     the benchmark script
   analysis     per-head sinks and VE, batched
 
-One module per chapter, named as its notebook (``book/<name>.ipynb``), in ``ctr/chapters``:
-  sinks (+ sinks_verdicts, sinks_figures)       variance (+ variance_verdicts)
-  probes (+ probes_features, probes_stats, probes_verdicts)
-  taxonomy    qknorm    toy_theory (+ toy_theory_figures, toy_model)
-  toy_multihead (+ toy_multihead_figures)      release (+ release_means, release_prompts,
-  release_swap, release_verdicts)              scale     adapt     reuse (shared by two pages)
+One package (or module) per chapter, named as its notebook (``book/<name>.ipynb``), in
+``ctr/chapters``; the package's ``__init__`` runs the experiment, its modules judge and draw:
+  sinks/          measures, verdicts, figures
+  variance/       verdicts, figures
+  probes/         features, stats, verdicts, tables, figures
+  taxonomy/       verdicts, figures
+  qknorm/         figures
+  toy_theory/     verdicts, figures        (the toy model itself: toy_model, shared)
+  toy_multihead/  verdicts, figures
+  release/        means, prompts, swap, verdicts, figures
+  adapt/          paper (the paper-models section)
+  scale           (a module)               reuse  numbers one chapter computes, another shows
+Rules: ``rules`` reads RULES.md (the pre-registered verdict rules); every ``verdicts`` module
+applies them through ``ctr.verdicts`` (vocabulary, parts, across models) and ``ctr.stats``.
 
-The book machinery, in ``ctr/book``: runner (papermill + jupyter-book, ``python -m ctr.book``),
-cache (when a chapter must re-run), present (the rerun box), htmlcheck (headless Chromium),
-explorer (the interactive attention figure), scorecard (gathers every chapter's verdicts).
+The book machinery, in ``ctr/book``: ``commands`` (``python -m ctr.book``), ``execute``
+(papermill, staged results, private kernels), ``lock``, ``params``/``values`` (parameters checked
+before a kernel starts), ``cache``/``deps``/``fingerprint`` (when a chapter must re-run),
+``rendering`` (jupyter-book), ``present`` (the rerun and non-default boxes), ``htmlcheck``
+(headless Chromium), ``explorer`` (the attention figure), ``scorecard`` and ``front`` (the
+verdict pages).
 """

@@ -87,7 +87,7 @@ def test_real_chapters_keys_follow_their_own_modules(tmp_path, monkeypatch):
     before = key()
     for m in ("execute", "commands", "present", "cache", "htmlcheck", "runner"):
         assert not any(f"ctr/book/{m}.py" in k["modules"] for k in before.values()), m
-    f = pkg / "ctr" / "chapters" / "toy_multihead.py"
+    f = pkg / "ctr" / "chapters" / "toy_multihead" / "__init__.py"
     f.write_text(f.read_text() + "\n# edited\n")
     after = key()
     assert {n for n in names if before[n]["digest"] != after[n]["digest"]} == {"toy_multihead"}

@@ -72,7 +72,7 @@ def test_every_results_files_claims_use_the_vocabulary(smoke):
 
 def test_the_probes_and_release_results_carry_every_row(smoke):
     """What the chapters' own smoke tests checked before the whole book ran here."""
-    from ctr.chapters import probes_verdicts as PV
+    from ctr.chapters.probes import verdicts as PV
     res = json.loads((_results(smoke[0]) / "probes.json").read_text())
     r = res["models"]["tiny-planted-llama"]
     for task in ("cities", "sentiment", "cities_suffix"):

@@ -148,7 +148,7 @@ def test_plan_is_within_25_percent_of_the_measured_peak():
 # --- the adapt page's paper-models section -----------------------------------------------------
 
 def test_paper_models_table_plans_each_chapter_on_one_gpu():
-    from ctr.chapters import adapt_paper as AP
+    from ctr.chapters.adapt import paper as AP
 
     df = AP.chapters({"taxonomy": {"seconds": 100.0, "smoke": False},
                       "sinks": {"seconds": 10.0, "smoke": True}}, ["tiny-random-llama"])
@@ -168,7 +168,7 @@ def test_paper_models_table_plans_each_chapter_on_one_gpu():
 
 
 def test_expected_time_scales_forward_flops_and_reductions():
-    from ctr.chapters import adapt_paper as AP
+    from ctr.chapters.adapt import paper as AP
 
     small, big = paper.config("Qwen2.5-3B"), paper.config("Qwen2.5-14B")
     # T = 1024: no reduction share; the forward scales by the FLOP ratio over the speed-ups
@@ -186,7 +186,7 @@ def test_expected_time_scales_forward_flops_and_reductions():
 
 
 def test_memory_table_on_a_24_gb_machine():
-    from ctr.chapters import adapt_paper as AP
+    from ctr.chapters.adapt import paper as AP
 
     t = AP.memory_table(cpu_free=24 * GiB).set_index(["model", "dtype"])
     cpu = [c for c in t.columns if c.startswith("CPU here")][0]

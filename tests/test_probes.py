@@ -17,9 +17,9 @@ from ctr import book, data, models, rules, tiny
 from ctr import definitions as D
 from ctr import verdicts as V
 from ctr.chapters import probes
-from ctr.chapters import probes_stats as PS
-from ctr.chapters import probes_tables as PT
-from ctr.chapters import probes_verdicts as PV
+from ctr.chapters.probes import stats as PS
+from ctr.chapters.probes import tables as PT
+from ctr.chapters.probes import verdicts as PV
 
 
 def gaussian_heads(n=4000, L=2, H=3, Dh=8, seps=(0.0, 1.0, 2.0, 3.0, 0.5, 1.5), seed=0):
@@ -588,7 +588,7 @@ def test_the_tables_are_built_from_the_summaries(tiny_summ):
 def test_heads_figure_draws_every_model_and_task(tiny_summ):
     import matplotlib.pyplot as plt
 
-    from ctr.chapters import probes_figures
+    from ctr.chapters.probes import figures as probes_figures
     runs = {"a": tiny_summ[0], "b": tiny_summ[0]}
     fig = probes_figures.heads(runs, 5)
     assert len([ax for ax in fig.axes if ax.get_label() != "<colorbar>"]) == 3 * 4

@@ -7,7 +7,7 @@ from test_variance import judge, ve_case
 
 from ctr import results, rules
 from ctr import verdicts as V
-from ctr.chapters import probes_verdicts as PV
+from ctr.chapters.probes import verdicts as PV
 from ctr.chapters import qknorm
 
 R, P, C, N, U = V.REPRODUCED, V.PARTLY, V.COMPATIBLE, V.NOT, V.UNTESTABLE

@@ -27,10 +27,10 @@ from ctr import definitions as D
 from ctr import extract, models, rules, tiny
 from ctr import verdicts as V
 from ctr.chapters import release as R
-from ctr.chapters import release_figures as RF
-from ctr.chapters import release_means as RM
-from ctr.chapters import release_swap as RS
-from ctr.chapters import release_verdicts as RV
+from ctr.chapters.release import figures as RF
+from ctr.chapters.release import means as RM
+from ctr.chapters.release import swap as RS
+from ctr.chapters.release import verdicts as RV
 
 TEXT = ["The cat sat. Then it slept, and the dog barked at it. The end.", "Short. Prompt, here."]
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,9 @@ import torch
 from ctr import definitions as D
 from ctr import rules, stats
 from ctr import verdicts as V
-from ctr.chapters import sinks, sinks_measures as SM, sinks_verdicts as SV
+from ctr.chapters import sinks
+from ctr.chapters.sinks import measures as SM
+from ctr.chapters.sinks import verdicts as SV
 
 T, H, DH, DM, L = 40, 3, 6, 12, 5      # tokens, heads, head dim, d_model, layers
 P, MQ = 10, 4                          # the mid-prompt sink; min_queries

@@ -12,7 +12,7 @@ import torch
 from ctr import book, results, rules, stats
 from ctr import verdicts as V
 from ctr.chapters import taxonomy
-from ctr.chapters import taxonomy_verdicts as TV
+from ctr.chapters.taxonomy import verdicts as TV
 
 
 def causal(rows):
@@ -250,7 +250,7 @@ def test_differences_over_the_same_prompts():
 def test_kinds_figure_draws_every_model():
     import matplotlib.pyplot as plt
 
-    from ctr.chapters import taxonomy_figures
+    from ctr.chapters.taxonomy import figures as taxonomy_figures
     r = planted([[".", ",", " the"]] * 3)
     fig = taxonomy_figures.kinds_bars({"a": r, "b": r})
     assert len(fig.axes) == 2 and len(fig.axes[0].patches) == 2 * len(TV.KINDS)

@@ -10,7 +10,7 @@ from ctr import results
 from ctr import verdicts as V
 from ctr.chapters import toy_model as tm
 from ctr.chapters import toy_multihead as mh
-from ctr.chapters import toy_multihead_verdicts as MV
+from ctr.chapters.toy_multihead import verdicts as MV
 from ctr.chapters import toy_theory as toy
 
 PAPER = results.paper()["multihead_toy"]

@@ -12,7 +12,7 @@ from ctr import verdicts as V
 from ctr.chapters import toy_model as tm
 from ctr.chapters import toy_multihead as mh
 from ctr.chapters import toy_theory as toy
-from ctr.chapters import toy_theory_verdicts as TV
+from ctr.chapters.toy_theory import verdicts as TV
 
 GRID = [1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30]
 PAPER = results.paper()["toy"]

@@ -11,7 +11,7 @@ from ctr import definitions as D
 from ctr import results, rules
 from ctr import verdicts as V
 from ctr.chapters import variance
-from ctr.chapters import variance_verdicts as VV
+from ctr.chapters.variance import verdicts as VV
 from ctr.extract import LayerRecord, one_thread
 
 R, C, P_, N, U = V.REPRODUCED, V.COMPATIBLE, V.PARTLY, V.NOT, V.UNTESTABLE

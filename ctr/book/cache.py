@@ -7,7 +7,7 @@ from the source's prose and tags and the recorded outputs (``merge``). The parts
   or tag edit re-renders the page from the recorded outputs, it does not re-execute);
 - ``params``: the parameters the runner passes (``results_dir`` left out: a place, not an input);
 - ``modules``: per file, every ``ctr`` module the notebook imports and the data files they open
-  (``deps``). Per module: editing ``ctr/chapters/toy_theory.py`` re-runs only the chapters whose
+  (``deps``). Per module: editing ``ctr/chapters/toy_theory/__init__.py`` re-runs only the chapters whose
   imports reach it;
 - ``paper``: per top-level section, the paper's numbers the run read (``ctr.results`` traces
   ``paper()``): a number edited in ``toy`` re-runs the chapters that read ``toy``, no other;

@@ -8,7 +8,8 @@ import gc
 
 from .. import data, results
 from .. import models as M
-from . import probes, variance
+from . import probes
+from . import variance
 
 
 def _same(saved: dict, wanted: dict) -> bool:
@@ -19,7 +20,7 @@ def sink_stats(name: str, results_dir, n_prompts: int, max_tokens: int, eps: flo
                min_queries: int, seed: int, batch_size: int = 8, device: str = "cpu",
                dtype: str = "float32") -> tuple[dict, str]:
     """The variance chapter's summary for ``name`` with its intervals (``s["intervals"]``, as
-    ``variance_verdicts.intervals``): (summary, source)."""
+    ``variance.verdicts.intervals``): (summary, source)."""
     wanted = {"n_prompts": n_prompts, "max_tokens": max_tokens, "eps": eps,
               "min_queries": min_queries, "seed": seed}
     try:
@@ -28,7 +29,7 @@ def sink_stats(name: str, results_dir, n_prompts: int, max_tokens: int, eps: flo
             return saved["models"][name], "variance chapter results"
     except results.MissingResults:
         pass
-    from . import variance_verdicts
+    from .variance import verdicts as variance_verdicts
     m = M.load(name, device=device, dtype=dtype, T=max_tokens, batch=batch_size)
     texts = data.imdb_reviews(n_prompts, seed=seed, min_words=max_tokens)
     r = variance.run(m, texts, max_tokens=max_tokens, main_eps=eps, min_queries=min_queries,
@@ -47,7 +48,7 @@ def probe_family(name: str, results_dir, *, n: int, n_train: int, eps: float, se
     sentiment and the position-controlled cities, each under the paper's protocol and the
     guard), so a row judged here is judged exactly as in that chapter:
     (summary by task, claim rows of this model, source)."""
-    from . import probes_verdicts as PV
+    from .probes import verdicts as PV
     wanted = {"n": n, "n_train": n_train, "eps": eps, "seed": seed, "suffix": suffix,
               "n_resplits": n_resplits, "n_null": n_null}
     try:
