@@ -246,7 +246,8 @@ def run(names: list[str], tasks: dict[str, Labelled], *, eps: float = D.EPS, gua
     out = Chapter({}, {}, {}, {}, {})
     for name in names:
         t0, c0 = time.time(), time.process_time()
-        m = M.load(name, device=device, dtype=dtype)
+        # T: a city statement or a sentiment prompt is far below 256 tokens (the plan's bound)
+        m = M.load(name, device=device, dtype=dtype, T=256, batch=batch_size)
         out.runs[name] = {task: probe_task(m, ds, eps=eps, min_queries=guard,
                                            batch_size=batch_size, also=guard_sweep, task=task,
                                            n_resplits=n_resplits, n_null=n_null, seed=seed)

@@ -26,9 +26,9 @@ from ..variance import verdicts as VV
 PROBE_PARTS = {"probe, paper's protocol": "cities_tag_paper", "probe, guard": "cities_tag_guard"}
 
 
-def detect(name: str) -> dict:
+def detect(name: str, device: str = "cpu", dtype: str = "float32") -> dict:
     """Whether ``name`` has QK-norm, with the module evidence."""
-    m = M.load(name)
+    m = M.load(name, device=device, dtype=dtype)
     where = arch.arch_of(m.config)
     a = arch.getpath(arch.getpath(m.hf, where.layers)[0], where.attn)
     out = {"model": name, "architecture": m.architecture, "qk_norm": m.qk_norm,

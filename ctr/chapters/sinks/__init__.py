@@ -242,7 +242,7 @@ def run(name: str, texts: list[str], eps: float = D.EPS, min_queries: int = 16,
 
     from ... import models as M
 
-    m = M.load(name, device=device, dtype=dtype)
+    m = M.load(name, device=device, dtype=dtype, T=max_tokens, batch=batch)  # plan checked first
     scans = scan(m, texts, eps=eps, min_queries=min_queries, max_tokens=max_tokens,
                  depth=depth, batch=batch)
     s = pick(scans)
@@ -288,7 +288,7 @@ def replay(name: str, saved: dict, texts: list[str], eps: float, min_queries: in
 
     from ... import models as M
 
-    m = M.load(name, device=device, dtype=dtype)
+    m = M.load(name, device=device, dtype=dtype, T=max_tokens)
     pick_ = Pick(saved["prompt"], saved["layer"], saved["head"], saved["sinks"], [],
                  saved["second_sink"], saved["qualifies"])
     s = Search(pick_, [], saved["candidates"], saved["heads_seen"])

@@ -80,7 +80,7 @@ def run_models(names: list[str], texts: list[str], max_tokens: int = 1024, eps: 
     """``run`` for each model, loaded once (``device``, ``dtype`` as in ``ctr.models.load``)."""
     out = {}
     for name in names:
-        m = M.load(name, device=device, dtype=dtype)
+        m = M.load(name, device=device, dtype=dtype, T=max_tokens)
         out[name] = run(m, texts, max_tokens=max_tokens, eps=eps, min_queries=min_queries)
         del m
         gc.collect()
