@@ -15,6 +15,9 @@ from .. import results, rules
 from . import scorecard
 
 
+TOYS = ("toy_theory", "toy_multihead")   # chapters whose rows are settings, not models
+
+
 def _counts_text(c: dict, words: dict | None = None) -> str:
     words = words or {}
     parts = [f"{n} {words.get(v, v)}" for v, n in c.items() if n]
@@ -41,7 +44,9 @@ def machine() -> str:
 
 def summary(card: pd.DataFrame, extra: pd.DataFrame, results_dir) -> dict:
     """Every value the reproducibility summary glues, as display strings."""
-    models = sorted({m["model"] for pm in card.per_model for m in pm} - {"-", ""})
+    # the language models behind the rows (a toy row names its setting in that column)
+    lm = card[~card.chapter.isin(TOYS)]
+    models = sorted({m["model"] for pm in lm.per_model for m in pm} - {"-", ""})
     by_ch = []
     for ch, g in card.groupby("chapter", sort=False):
         by_ch.append(f"{scorecard.TITLES.get(ch, ch)} {_counts_text(scorecard.counts(g))}")

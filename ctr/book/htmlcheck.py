@@ -38,8 +38,8 @@ FRONT = "index"                # the front page: no code at all
 NOISE = ("IProgress not found", "TqdmWarning", "Kernel is running over TCP")
 PLOTTING = r"plt\.|\.plot\(|figure_|sns\.|\.style\.|plt\b|subplots\("
 # Shown plotting code and elements wider than their column fail the check (True) or are
-# printed as notes (False) on the real build; chapters still being cleaned up keep it False.
-STRICT = False
+# printed as notes (False).
+STRICT = True
 
 _MATH_DONE = """() => !document.querySelector('.math') ||
   (window.MathJax && window.MathJax.Hub && window.MathJax.isReady && window.MathJax.Hub.queue.pending === 0
@@ -196,12 +196,14 @@ def explorers(page, name: str, screenshots: Path) -> tuple[list[str], int]:
 
 
 def fingerprint(html: Path, page: Path) -> str:
-    """What a reader's browser gets for a page: its HTML, the images it shows, ctr's script."""
+    """What a reader's browser gets for a page: its HTML, the images it shows, ctr's script and
+    style sheet (a CSS edit can make an element overflow its column)."""
     h = hashlib.sha256(page.read_bytes())
     for src in sorted(set(re.findall(r'<img[^>]*src="([^"]+)"', page.read_text()))):
         f = (page.parent / src).resolve()
         h.update(f.read_bytes() if f.is_file() else b"missing " + src.encode())
-    for f in sorted((html / "_static").glob("ctr-explorer.*")):
+    static = html / "_static"
+    for f in sorted([*static.glob("ctr-explorer.*"), *static.glob("ctr-book.*")]):
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 

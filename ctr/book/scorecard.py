@@ -262,8 +262,10 @@ def verdict_map(card: pd.DataFrame, words: dict | None = None, ax=None):
             ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7)
     labels = [f"{r.claim[:55]}{'...' if len(r.claim) > 55 else ''}" for r in card.itertuples()]
     ax.set_yticks(range(n), labels, fontsize=7)
-    ax.set_xticks(range(len(cols)), cols, fontsize=8, rotation=20, ha="right")
+    shown = ["(no model)" if c == "-" else c for c in cols]   # a row no model could test
     ax.xaxis.tick_top()
+    ax.set_xticks(range(len(cols)), shown, fontsize=8, rotation=45, ha="left",
+                  rotation_mode="anchor")
     ax.axvline(len(models) - 0.5, color="black", lw=1.2)
     prev = None
     for i, ch in enumerate(card.chapter):
