@@ -78,7 +78,8 @@ def skeleton(dst: Path, chapters=("sinks",), own=None) -> Path:
                     nbformat.v4.new_code_cell('smoke = False\nresults_dir = "results"',
                                               metadata={"tags": ["parameters"]}),
                     nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\n"
-                                              "plt.plot([0, 1], [1, 0]); plt.show()")]
+                                              "plt.plot([0, 1], [1, 0]); plt.show()",
+                                              metadata={"tags": ["hide-input"]})]
         nbformat.write(nb, dst / "book" / f"{name}.ipynb")
     rest = [c for c in [*chapters, *stubs, *own] if c != "index"]
     toc = ["format: jb-book", "root: book/executed/index", "parts:", "  - caption: Chapters",

@@ -128,7 +128,7 @@ def test_verdict_map_has_one_row_per_claim_and_a_column_per_model(fabricated):
     fig = scorecard.verdict_map(t)
     ax = fig.axes[0]
     assert len(ax.get_yticks()) == len(t) and [x.get_text() for x in ax.get_xticklabels()] == \
-        ["m1", "m2", "-", "claim"]
+        ["m1", "m2", "(no model)", "claim"]
 
 
 def test_missing_results_file_fails_loudly(fabricated):
