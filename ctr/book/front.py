@@ -63,7 +63,26 @@ def summary(card: pd.DataFrame, extra: pd.DataFrame, results_dir) -> dict:
         "rules_commit": rules.commit(),
         "machine": machine(),
         "chapter_minutes": f"{secs / 60:.1f}",
+        **sizes(results_dir),
     }
+
+
+def sizes(results_dir) -> dict:
+    """The paper's models (``ctr/paper_numbers.yaml``, counted from their configs) against the
+    models of this build (the Scale chapter's parameter counts): how many, how large, how much
+    smaller ours are."""
+    from ..models import paper
+
+    theirs = [paper.n_params(paper.config(n)) for n in paper.names()]
+    out = {"paper_models": str(len(theirs)),
+           "paper_sizes": f"{min(theirs) / 1e9:.0f}-{max(theirs) / 1e9:.0f}"}
+    try:
+        ours = [r["parameters"] for r in results.load("scale", results_dir)["rungs"]]
+    except results.MissingResults:
+        ours = []
+    out["size_ratio"] = (f"{min(theirs) / max(ours):.0f}-{max(theirs) / min(ours):.0f} times"
+                         if ours else "far")
+    return out
 
 
 def mechanism_caption(name: str, saved: dict) -> str:
