@@ -34,19 +34,13 @@ import statistics
 import subprocess
 import sys
 
+from .bench import _case   # the same "BxT" argument as ctr.bench (psutil is in both environments)
+
 METHODS = ("forward", "ctr", "tl-filtered", "tl-full")
 
 
 def _status(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
-
-
-def _case(s: str) -> tuple[int, int]:
-    try:
-        b, t = s.lower().split("x")
-        return int(b), int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a case is BxT, e.g. 8x150; got {s!r}") from None
 
 
 def summary_from_cache(cache, windows, n_heads: int, eps: float = 0.2, min_queries: int = 1,
