@@ -207,3 +207,25 @@ def test_a_chapter_with_other_parameters_reruns_its_readers_and_says_so(tmp_path
     assert book.build(root=root, check=False, html=False) == {}    # its own entry is left out
     assert "Non-default parameters" not in _text(root, "mid")
     assert "<td>n=2</td>" not in _timings_cell(root, "front")
+
+
+def test_a_run_that_has_just_taken_the_lock_is_named_not_anonymous(tmp_path):
+    """The race the clean-clone CI once hit: the second run reads the lock file between the
+    first run's flock and its write of who it is; it must wait for the words, not say 'a process
+    that did not say which'."""
+    import fcntl
+    import threading
+
+    p = lock.lock_path(tmp_path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)             # taken, nothing written yet
+    late = threading.Timer(0.3, lambda: os.pwrite(fd, b"pid 1: make chapter x, since 12:00:00\n", 0))
+    late.start()
+    try:
+        with pytest.raises(book.BookError, match=r"under way \(pid 1: make chapter x"):
+            with lock.held(tmp_path):
+                pass
+    finally:
+        late.join()
+        os.close(fd)

@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .layout import ROOT, BookError, paths
@@ -41,6 +42,15 @@ def holder(root: Path = ROOT) -> str:
         return ""
 
 
+def _holder_soon(root: Path, seconds: float = 2.0) -> str:
+    """The holder's words; a run that has just taken the lock writes them a moment later, so a
+    second run started in the same instant waits briefly for them."""
+    end = time.monotonic() + seconds
+    while not (who := holder(root)) and time.monotonic() < end:
+        time.sleep(0.02)
+    return who
+
+
 @contextlib.contextmanager
 def held(root: Path = ROOT, wait: bool = False):
     """Hold the book's lock for the duration; BookError when another process holds it."""
@@ -59,7 +69,7 @@ def held(root: Path = ROOT, wait: bool = False):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            who = holder(root) or "a process that did not say which"
+            who = _holder_soon(root) or "a process that did not say which"
             if not wait:
                 raise BookError(f"another run of this book is under way ({who}); wait for it to "
                                 "finish or stop it, then run again (or add --wait)") from None
