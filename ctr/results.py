@@ -105,6 +105,14 @@ def check_dir(results_dir) -> Path:
 
 def save(name: str, data: dict, results_dir) -> Path:
     """Write ``<results_dir>/<name>.json`` (under the runner: into its staging directory)."""
+    return save_text(f"{name}.json", json.dumps(_clean(data), indent=1, sort_keys=True),
+                     results_dir)
+
+
+def save_text(filename: str, text: str, results_dir) -> Path:
+    """Write ``<results_dir>/<filename>`` as ``save`` does: under the runner into its staging
+    directory (moved into the book with the rest when the chapter succeeded), never straight
+    into the book's results."""
     stage = os.environ.get(STAGE)
     if stage:
         results_dir = stage
@@ -113,8 +121,8 @@ def save(name: str, data: dict, results_dir) -> Path:
             f"{Path(results_dir).resolve()} holds the book's results, which only `make chapter` "
             "or `python -m ctr.book` write (when the whole chapter succeeded): pass another "
             "results_dir (papermill: -p results_dir /tmp/results)")
-    path = check_dir(results_dir) / f"{name}.json"
-    write_atomic(path, json.dumps(_clean(data), indent=1, sort_keys=True))
+    path = check_dir(results_dir) / filename
+    write_atomic(path, text)
     return path
 
 

@@ -33,7 +33,6 @@ from . import deps, fingerprint
 from .deps import PKG_ROOT
 
 PARTS = ("code", "params", "modules", "paper", "results", "models", "versions")
-_sha = digest
 
 
 def code_cells(nb) -> list[str]:
@@ -64,7 +63,7 @@ def _results(names, results_dir: Path, reader: str) -> dict:
 
 
 def _seal(k: dict) -> dict:
-    k["digest"] = _sha({p: k[p] for p in PARTS})
+    k["digest"] = digest({p: k[p] for p in PARTS})
     return k
 
 
@@ -83,13 +82,13 @@ def key(name: str, params: dict, source_nb, results_dir: Path, defaults: dict | 
     reads.discard(name)
     names = fingerprint.resolve_models(params, defaults or {})
     return _seal({
-        "code": _sha(code),
-        "params": _sha({k: v for k, v in params.items() if k != "results_dir"}),
-        "modules": {k: _sha(f.read_bytes()) for k, f in sorted(files.items())},
+        "code": digest(code),
+        "params": digest({k: v for k, v in params.items() if k != "results_dir"}),
+        "modules": {k: digest(f.read_bytes()) for k, f in sorted(files.items())},
         "paper": paper_sections(recorded.get("paper", {})),
         "results": _results(reads, Path(results_dir), name),
-        "models": {n: _sha(v) for n, v in fingerprint.models(names, hashes).items()},
-        "versions": _sha(versions(pkg_root)),
+        "models": {n: digest(v) for n, v in fingerprint.models(names, hashes).items()},
+        "versions": digest(versions(pkg_root)),
     })
 
 
@@ -112,7 +111,7 @@ def after_run(k: dict, trace: dict, name: str, params: dict, defaults: dict | No
     got = {r: d for r, d in trace.get("results", {}).items() if r != name}
     return _seal(dict(k, results=dict(sorted({**k["results"], **got}.items())),
                       paper=dict(sorted(trace.get("paper", {}).items())),
-                      models={n: _sha(v) for n, v in fingerprint.models(names, hashes).items()}))
+                      models={n: digest(v) for n, v in fingerprint.models(names, hashes).items()}))
 
 
 def key_path(executed_dir: Path, name: str) -> Path:
@@ -171,7 +170,7 @@ def stale(name: str, k: dict, executed_dir: Path, results_dir: Path,
     if old is None:
         return "no recorded key"
     res = Path(results_dir) / f"{name}.json"
-    if old.get("own_results") and (not res.exists() or _sha(res.read_bytes()) != old["own_results"]):
+    if old.get("own_results") and (not res.exists() or digest(res.read_bytes()) != old["own_results"]):
         return "its results file is missing or was changed"
     return explain(old, k, given)
 
@@ -180,7 +179,7 @@ def record(name: str, k: dict, executed_dir: Path, results_dir: Path,
            given: dict | None = None) -> None:
     """Write the key of a finished run; ``given``: the parameters it ran with (no results_dir)."""
     res = Path(results_dir) / f"{name}.json"
-    k = dict(k, own_results=_sha(res.read_bytes()) if res.exists() else None, given=given or {})
+    k = dict(k, own_results=digest(res.read_bytes()) if res.exists() else None, given=given or {})
     write_atomic(key_path(executed_dir, name), json.dumps(k, indent=1, sort_keys=True))
 
 

@@ -128,7 +128,10 @@ def _failure(name: str, e: Exception, failed: Path | None) -> str:
 def _commit(name: str, stage: Path, run: dict, results_dir: Path) -> None:
     """Move the staged results into the book; the chapter's own file records how it was run."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    for f in sorted(stage.glob("*.json")) if stage.exists() else []:
+    for f in sorted(p for p in stage.iterdir() if p.is_file()) if stage.exists() else []:
+        if f.suffix != ".json":                     # a table beside the results (scorecard.csv)
+            R.write_atomic(results_dir / f.name, f.read_text())
+            continue
         data = json.loads(f.read_text())
         if f.stem == name and isinstance(data, dict):
             data[present.RUN_KEY] = run

@@ -17,13 +17,6 @@ from pathlib import Path
 CHUNK = 1 << 22
 
 
-def digest(data) -> str:
-    """The short digest the book's keys use (bytes, or any JSON-able value)."""
-    if not isinstance(data, bytes):
-        data = json.dumps(data, sort_keys=True, default=str).encode()
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
 class Hashes:
     """File digests remembered by (size, mtime, inode); ``path`` None keeps them in memory."""
 

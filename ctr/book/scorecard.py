@@ -215,17 +215,15 @@ def records(card: pd.DataFrame, section: str) -> list[dict]:
     return out
 
 
-def export(out_dir, sections: dict, rules_commit: str) -> dict:
-    """Write ``scorecard.csv`` and ``scorecard.json`` (every claim x model: ids, numbers,
-    intervals, p-values, rules, verdicts) into ``out_dir``; ``sections``: {name: card}.
-    Returns the two paths."""
-    out_dir = Path(out_dir)
+def export(out_dir, sections: dict, rules_commit: str, **more) -> dict:
+    """Write ``scorecard.csv`` (every claim x model: ids, numbers, intervals, p-values, rules,
+    verdicts) and the chapter's results file ``scorecard.json`` (the same rows, the scope, the
+    rules' version and ``more``) into ``out_dir`` through ``results`` (staged under the runner,
+    like every results file); ``sections``: {name: card}. Returns the two paths."""
     flat = [x for name, card in sections.items() for x in records(card, name)]
-    csv = out_dir / "scorecard.csv"
-    js = out_dir / "scorecard.json"
-    results.write_atomic(csv, pd.DataFrame(flat).to_csv(index=False))
-    results.write_atomic(js, json.dumps({"rules_commit": rules_commit, "scope": SCOPE,
-                                         "rows": results._clean(flat)}, indent=1))
+    csv = results.save_text("scorecard.csv", pd.DataFrame(flat).to_csv(index=False), out_dir)
+    js = results.save("scorecard", {"rules_commit": rules_commit, "scope": SCOPE,
+                                    "rows": flat, **more}, out_dir)
     return {"csv": csv, "json": js}
 
 

@@ -26,7 +26,7 @@ from ... import arch
 from ...models import memory, paper
 
 SPEEDUP = (100, 500)                 # one GPU against this CPU, forward work (an assumption)
-GiB = 2 ** 30
+GiB = memory.GiB
 GPUS = {"24 GB GPU": 24 * GiB, "40 GB GPU": 40 * GiB, "80 GB GPU": 80 * GiB}
 
 
@@ -121,8 +121,7 @@ def commands() -> str:
     return "```bash\n" + "\n".join(wrap(command(r)) for r in RUNS) + "\n```"
 
 
-def _gb(b) -> str:
-    return f"{b / 1e9:.1f} GB"
+_gb = memory._gb
 
 
 def chapters(timings: dict, embedded: list[str]) -> pd.DataFrame:
@@ -150,12 +149,12 @@ def chapters(timings: dict, embedded: list[str]) -> pd.DataFrame:
 
 
 def timings(results_dir) -> dict:
-    """This build's chapter times (the runner's ``timings.json``), or {} before any chapter ran."""
-    import json
-    from pathlib import Path
+    """This build's chapter times (the runner's ``timings.json``), or {} before any chapter
+    ran: ``ctr.book.front.timings``, read through ``results.load`` so the page re-runs when a
+    chapter's time changes."""
+    from ...book.front import timings as read
 
-    path = Path(results_dir) / "timings.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read(results_dir)
 
 
 def _minutes(s: float) -> str:

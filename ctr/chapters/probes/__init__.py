@@ -34,7 +34,7 @@ from . import stats as PS
 # ``probes.features`` is the function (it shadows the submodule of that name on the package;
 # ``ctr.chapters.probes.features`` in sys.modules and ``from .features import`` still reach it)
 from .features import Features, features, guard_for  # noqa: F401
-from .stats import KINDS, chance_level, logistic, select_head  # noqa: F401
+from .stats import KINDS, chance_level, logistic  # noqa: F401
 
 
 @dataclass
@@ -122,10 +122,6 @@ def constant_tag(f: Features, guard: int, head: tuple[int, int], prompts) -> dic
             "constant": bool(f.same_first and has_first.any() and not other.any())}
 
 
-def _pct(x):
-    return None if x is None else round(100 * float(x), 2)
-
-
 @dataclass
 class TaskResult:
     model: str
@@ -153,7 +149,7 @@ class TaskResult:
         out = {"min_queries": g, "eps": self.eps, **p.sel.summary()}
         out["n_test"] = self.n_test
         for k, v in p.logistic.items():
-            out[f"logistic_{k}"] = _pct(v)
+            out[f"logistic_{k}"] = PS._pct(v)
         out.update(sink_coverage=None if p.sink_coverage is None else round(p.sink_coverage, 4),
                    tail_share=None if p.tail_share is None else round(p.tail_share, 4),
                    top_sinks=[[k, round(v, 4)] for k, v in p.top_sinks],

@@ -38,7 +38,7 @@ from ... import definitions as D
 from ... import extract
 from ...models import Model
 from . import cpu_seconds, sink_mask
-from .prompts import TASKS, Pairs, city_pairs, pairs_for, sentiment_pairs  # noqa: F401
+from .prompts import TASKS, Pairs, city_pairs, pairs_for  # noqa: F401
 
 CONDITIONS = ("head_sink", "head_ctrl", "layer_sink", "layer_ctrl", "layer_all")
 

@@ -31,8 +31,7 @@ FLOOR_GAP = 0.05       # RULES.md, swap_*: the size floor, as a fraction of the 
 
 # --- rules (numbers in, verdict out) ------------------------------------------------------------
 
-def _bad(x) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
+_bad = V._bad     # None or NaN
 
 
 def ordered(est, lo, hi, floor: float, n_units: int, unit: str = "nats",

@@ -105,13 +105,11 @@ def rule_base_sinks(b: dict) -> str:
     1% of the instances; partly if the share passes with fewer than 3 types; not reproduced if
     the share's CI < 0.5; compatible otherwise; not testable with fewer than 30 instances (or a
     bootstrap over fewer than 20 contributing prompts, RULES.md General)."""
-    if b["instances"] < MIN_INSTANCES or b["prompts_with_any"] < S.MIN_UNITS:
+    if b["instances"] < MIN_INSTANCES:
         return V.UNTESTABLE
-    if b["lo"] > 0.5:
-        return V.REPRODUCED if b["n_types"] >= MIN_TYPES else V.PARTLY
-    if b["hi"] < 0.5:
-        return V.NOT
-    return V.COMPATIBLE
+    v = V.by_bootstrap(b["lo"], b["hi"], b["prompts_with_any"], low=0.5, min_units=S.MIN_UNITS,
+                       strict=True)
+    return V.PARTLY if v == V.REPRODUCED and b["n_types"] < MIN_TYPES else v
 
 
 def rule_reasoning(more_sinks: tuple, more_high_ve: tuple) -> str:

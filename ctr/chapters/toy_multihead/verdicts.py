@@ -71,10 +71,7 @@ def rule_roles(k: int, n: int) -> str:
     """roles: among n two-head runs at low loss, k with the paper's four roles by ablation:
     reproduced if the Wilson CI's lower end > 0.5 (needs at least 4 such runs); not reproduced
     if its upper end < 0.5; compatible otherwise; not testable without such runs."""
-    if not n:
-        return V.UNTESTABLE
-    lo, hi = stats.wilson(k, n)
-    return V.REPRODUCED if lo > 0.5 else V.NOT if hi < 0.5 else V.COMPATIBLE
+    return V.by_interval(*stats.wilson(k, n), low=0.5, strict=True) if n else V.UNTESTABLE
 
 
 def claim_rows(runs: list[dict], paper: dict, threshold: float, settings: str,

@@ -24,7 +24,7 @@ from ... import analysis
 from ... import definitions as D
 from ... import extract
 from ...models import Model
-from .geometry import (FINE_BINS, NULL_DRAWS, PAIR_BINS, _hist, _layer_mean,  # noqa: F401
+from .geometry import (FINE_BINS, NULL_DRAWS, PAIR_BINS, _hist,  # noqa: F401
                        map_vectors, mapped_tags, pair_cosines, residual_map, tag_geometry)
 
 EPS_SWEEP = (0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.15, 0.2, 0.3, 0.4)
