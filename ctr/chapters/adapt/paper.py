@@ -149,12 +149,16 @@ def chapters(timings: dict, embedded: list[str]) -> pd.DataFrame:
 
 
 def timings(results_dir) -> dict:
-    """This build's chapter times (the runner's ``timings.json``), or {} before any chapter
-    ran: ``ctr.book.front.timings``, read through ``results.load`` so the page re-runs when a
-    chapter's time changes."""
-    from ...book.front import timings as read
+    """This build's chapter times (the runner's ``timings.json``), or {} before any chapter ran.
+    Read by path on purpose, not through ``results.load``: this page runs before the scorecard
+    and the front page, whose times change after it, so a traced read would re-run it on every
+    build. The times it reads are those in the file when it runs: this build's for every chapter
+    that ran before it."""
+    import json
+    from pathlib import Path
 
-    return read(results_dir)
+    path = Path(results_dir) / "timings.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _minutes(s: float) -> str:
